@@ -1,0 +1,115 @@
+"""`SSAConfig`: one frozen config for every attention mechanism the project compares.
+
+`kind` picks the mechanism; the other fields are the knobs, shared where they mean
+the same thing, so that an ablation changes `kind` and nothing else:
+
+- `ssa`: routing tree + beam descent picks `top_k` blocks per query tile (DESIGN.md §1).
+- `block_topk`: NSA/MoBA-style flat top-k: every earlier block is scored by its mean
+  key (a quadratic selector), the best `top_k` are attended.
+- `sliding`: the `top_k + local_blocks` blocks right before the query's own block.
+- `indexer`: DeepSeek-DSA-style lightning indexer: small ReLU-scored indexer heads score
+  every earlier token; the best `keys_per_query` tokens are attended.
+- `dense`: causal attention to every earlier key (cuDNN on GPU, XLA elsewhere).
+
+Every sparse kind attends to the same number of keys per query,
+`(sink_blocks + top_k + local_blocks + 1) * block_size` (`SSAConfig.keys_per_query`):
+the block kinds attend to the sink blocks, `top_k` chosen blocks, the `local_blocks`
+blocks before the query's own block, and its own block causally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
+BLOCK_KINDS = ("ssa", "block_topk", "sliding")  # kinds that attend whole KV blocks
+SUMMARIES = ("mean", "bounds")
+
+
+@dataclasses.dataclass(frozen=True)
+class SSAConfig:
+  """Mechanism and knobs of one attention layer.
+
+  Attributes:
+    kind: one of `KINDS`.
+    block_size: keys per KV block (B); a power of two.
+    query_tile: queries that share one selection (Q); divides `block_size`, so a tile
+      lies inside one block. None means `block_size`.
+    top_k: blocks chosen per query tile (`ssa`, `block_topk`), or the size of the
+      window in blocks beyond `local_blocks` (`sliding`).
+    fanout: children per routing-tree node (F).
+    beam: nodes kept per tree level during the descent. A level keeps at least
+      ceil(top_k / F**(level-1)) nodes, so that the level below can still fill `top_k`.
+    sink_blocks: leading blocks every query attends to.
+    local_blocks: blocks right before the query's own block, always attended (W).
+    summary: `mean` (mean routing key of a node) or `bounds` (elementwise min and max:
+      an upper bound of q.k over the node, Quest-style).
+    route_with_rope: True routes with the attention's own q and k (RoPE applied);
+      False means the caller passes position-free `routing_q` / `routing_k`.
+    indexer_heads, indexer_dim: shape of the `indexer` kind's scoring heads (the
+      weights come from the caller; the model owns them).
+  """
+
+  kind: str = "ssa"
+  block_size: int = 64
+  query_tile: int | None = None
+  top_k: int = 16
+  fanout: int = 16
+  beam: int = 4
+  sink_blocks: int = 1
+  local_blocks: int = 1
+  summary: str = "mean"
+  route_with_rope: bool = True
+  indexer_heads: int = 4
+  indexer_dim: int = 32
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
+    if self.summary not in SUMMARIES:
+      raise ValueError(f"summary={self.summary!r} is not one of {SUMMARIES}")
+    for name in ("block_size", "top_k", "beam", "indexer_heads", "indexer_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    for name in ("sink_blocks", "local_blocks"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    if not isinstance(self.fanout, int) or self.fanout < 2:
+      raise ValueError(f"fanout={self.fanout!r} must be an integer >= 2")
+    if self.block_size & (self.block_size - 1):
+      raise ValueError(f"block_size={self.block_size} must be a power of two")
+    tile = self.tile
+    if not isinstance(tile, int) or tile < 1 or self.block_size % tile:
+      raise ValueError(
+        f"query_tile={self.query_tile!r} must divide block_size={self.block_size} "
+        "(a query tile lies inside one KV block)"
+      )
+
+  @property
+  def tile(self) -> int:
+    """Queries per tile (Q): `query_tile`, or `block_size` when that is None."""
+    return self.block_size if self.query_tile is None else self.query_tile
+
+  @property
+  def slots(self) -> int:
+    """Blocks listed per query tile by the block kinds: sinks, chosen, local, own."""
+    return self.sink_blocks + self.top_k + self.local_blocks + 1
+
+  @property
+  def keys_per_query(self) -> int:
+    """Most keys any query attends to (every sparse kind); T for `dense`."""
+    return self.slots * self.block_size
+
+  def num_levels(self, num_blocks: int) -> int:
+    """Routing-tree levels L: the least L >= 1 with fanout**L >= num_blocks."""
+    levels = 1
+    while self.fanout**levels < num_blocks:
+      levels += 1
+    return levels
+
+  def beam_at(self, level: int) -> int:
+    """Nodes kept at `level` (>= 2) during the descent."""
+    cover = self.fanout ** (level - 1)
+    return max(self.beam, -(-self.top_k // cover))
