@@ -99,7 +99,7 @@ class SSAConfig:
 
   @property
   def keys_per_query(self) -> int:
-    """Most keys any query attends to (every sparse kind); T for `dense`."""
+    """Most keys any query attends to under every sparse kind (`dense` is unbounded)."""
     return self.slots * self.block_size
 
   def num_levels(self, num_blocks: int) -> int:

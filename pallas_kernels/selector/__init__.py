@@ -1,0 +1,1 @@
+"""Selector scoring: routing-tree candidates scored against each query tile's routing window."""

@@ -1,0 +1,1 @@
+"""Block-sparse attention: each query tile attends to a list of KV blocks."""

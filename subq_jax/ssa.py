@@ -1,0 +1,444 @@
+"""Subquadratic Sparse Attention: the public entry point and its blockwise (`xla`) path.
+
+    out = ssa_attention(q, k, v, config)
+    out, info = ssa_attention(q, k, v, config, return_info=True)
+
+`config.kind` picks the mechanism (`ssa`, `block_topk`, `sliding`, `indexer`,
+`dense`; see `subq_jax.config`). For `ssa` (DESIGN.md §1):
+
+1. Routing tree. Level-1 nodes are KV blocks; a level-l node covers F level-(l-1)
+   nodes. Each node keeps a summary of its routing keys: `mean`, or `bounds`
+   ([max, min], scored as relu(q) . max + min(q, 0) . min).
+2. Causal frontier. A query tile in block j0 may route to blocks [0, j0 - W). That
+   prefix is covered by at most F - 1 complete nodes per level (the base-F digits of
+   j0 - W); no summary covers a key at or after the tile's block.
+3. Beam descent. From the top level down, the frontier's nodes and the children of
+   the nodes kept one level up are scored; a level keeps its best `config.beam_at(l)`
+   nodes and level 1 its best `top_k` blocks (never a sink block: those are attended
+   anyway). A node's score is the max, over the tile's routing window and the G query
+   heads of the KV head, of routing query . summary.
+4. Exact sparse attention, one softmax over sink, chosen, local and own (causal) blocks.
+
+Routing window. A tile routes with the Q routing queries that end at its first
+position (positions [t0 - Q + 1, t0]), not with its own Q queries: a query must never
+choose its keys from a later query's content, or outputs at t would depend on tokens
+after t. A decoder then routes each tile once, when its first token arrives.
+
+Selection runs under stop_gradient; attention is differentiable in q, k and v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selector import reference as selector_reference
+from pallas_kernels.sparse_attention import reference as attention_reference
+from subq_jax.config import BLOCK_KINDS, SSAConfig
+
+__all__ = ["AttentionInfo", "SSAConfig", "select_blocks", "ssa_attention"]
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+CHUNK_ELEMENTS = 1 << 25  # f32 elements materialised per chunk by the quadratic selectors
+
+
+class AttentionInfo(NamedTuple):
+  """What the mechanism did.
+
+  selected_blocks: int32 [batch, kv_heads, num_tiles, top_k], ascending, -1 for an
+    empty slot (block kinds); None for `dense` and `indexer`.
+  pairs_attended: float32 [batch, kv_heads]: (query, key) pairs attended by each
+    query head of the group, over the real (unpadded) sequence.
+  """
+
+  selected_blocks: jax.Array | None
+  pairs_attended: jax.Array
+
+
+def ssa_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  config: SSAConfig,
+  *,
+  routing_q: jax.Array | None = None,
+  routing_k: jax.Array | None = None,
+  indexer_weights: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_info: bool = False,
+):
+  """Causal attention of `config.kind`.
+
+  Args:
+    q: [batch, seq, q_heads, head_dim], floating point.
+    k, v: [batch, seq, kv_heads, head_dim]; q_heads % kv_heads == 0.
+    config: mechanism and knobs (static under jit).
+    routing_q, routing_k: what the selector scores, when it is not q and k.
+      `ssa`, `block_topk` with `route_with_rope=False`: position-free (pre-RoPE) q and
+      k, [batch, seq, q_heads, d_r] and [batch, seq, kv_heads, d_r].
+      `indexer` (required): indexer queries [batch, seq, indexer_heads, indexer_dim]
+      and the indexer key [batch, seq, 1, indexer_dim].
+      `dense` and `sliding` do not route and ignore them.
+    indexer_weights: `indexer` only: per-token head weights [batch, seq, indexer_heads].
+    scale: softmax scale; default 1 / sqrt(head_dim).
+    implementation: `reference` (float32 brute force, small seq only), `xla`
+      (blockwise), `pallas` (kernels; interpret mode on CPU), or None for the best
+      on the backend.
+    return_info: also return an `AttentionInfo`.
+
+  Returns:
+    out with q's shape and dtype, and an `AttentionInfo` if `return_info`.
+  """
+  _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implementation)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  if implementation is None:
+    implementation = "xla"
+  if implementation == "reference":
+    from subq_jax import ssa_reference
+
+    out, info = ssa_reference.attention(
+      q, k, v, config, routing_q, routing_k, indexer_weights, scale
+    )
+  elif config.kind == "dense":
+    out, info = _dense(q, k, v, scale, implementation)
+  elif config.kind == "indexer":
+    out, info = _indexer(q, k, v, config, routing_q, routing_k, indexer_weights, scale)
+  else:
+    out, info = _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation)
+  return (out, info) if return_info else out
+
+
+def select_blocks(
+  routing_q: jax.Array,
+  routing_k: jax.Array,
+  config: SSAConfig,
+  *,
+  implementation: str = "xla",
+) -> jax.Array:
+  """The blocks each query tile chooses: int32 [batch, kv_heads, num_tiles, top_k].
+
+  Ascending block ids, -1 for an empty slot. `routing_q` [batch, seq, q_heads, d_r]
+  and `routing_k` [batch, seq, kv_heads, d_r]; kinds `ssa`, `block_topk`, `sliding`.
+  """
+  if config.kind not in BLOCK_KINDS:
+    raise ValueError(f"select_blocks needs a block kind {BLOCK_KINDS}, got kind={config.kind!r}")
+  _check_qkv(routing_q, routing_k, routing_k, "routing_q", "routing_k", "routing_k")
+  if implementation == "reference":
+    from subq_jax import ssa_reference
+
+    return ssa_reference.select_blocks(routing_q, routing_k, config)
+  rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
+  return _select(rq, rk, config, _ops(implementation)[0])
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_qkv(q, k, v, qn="q", kn="k", vn="v"):
+  for name, x in ((qn, q), (kn, k), (vn, v)):
+    if not hasattr(x, "ndim") or x.ndim != 4:
+      shape = getattr(x, "shape", type(x).__name__)
+      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got shape {shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+  if k.shape != v.shape:
+    raise ValueError(f"{kn}.shape={k.shape} and {vn}.shape={v.shape} must be equal")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"batch differs: {qn}.shape={q.shape}, {kn}.shape={k.shape}")
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"seq differs: {qn}.shape={q.shape}, {kn}.shape={k.shape}")
+  if q.shape[1] < 1:
+    raise ValueError(f"seq must be >= 1, got {qn}.shape={q.shape}")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"head_dim differs: {qn}.shape={q.shape}, {kn}.shape={k.shape}")
+  if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+    raise ValueError(
+      f"q_heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} "
+      f"({qn}.shape={q.shape}, {kn}.shape={k.shape})"
+    )
+
+
+def _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implementation):
+  if not isinstance(config, SSAConfig):
+    raise ValueError(f"config must be an SSAConfig, got {type(config).__name__}")
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS} or None")
+  _check_qkv(q, k, v)
+  b, t, hq, _ = q.shape
+  hkv = k.shape[2]
+  routes = config.kind in ("ssa", "block_topk")
+  if (routing_q is None) != (routing_k is None):
+    raise ValueError("pass routing_q and routing_k together, or neither")
+  if config.kind == "indexer":
+    want = {
+      "routing_q": (b, t, config.indexer_heads, config.indexer_dim),
+      "routing_k": (b, t, 1, config.indexer_dim),
+      "indexer_weights": (b, t, config.indexer_heads),
+    }
+    for name, x in zip(want, (routing_q, routing_k, indexer_weights), strict=True):
+      if x is None or tuple(x.shape) != want[name]:
+        got = None if x is None else tuple(x.shape)
+        raise ValueError(f"kind='indexer' needs {name} of shape {want[name]}, got {got}")
+  elif indexer_weights is not None:
+    raise ValueError(f"indexer_weights is for kind='indexer', not kind={config.kind!r}")
+  elif routes and routing_q is None and not config.route_with_rope:
+    raise ValueError(
+      "route_with_rope=False: pass the position-free routing_q and routing_k (pre-RoPE q, k)"
+    )
+  elif routes and routing_q is not None:
+    if config.route_with_rope:
+      raise ValueError(
+        "routing_q/routing_k are for route_with_rope=False; got route_with_rope=True"
+      )
+    _check_qkv(routing_q, routing_k, routing_k, "routing_q", "routing_k", "routing_k")
+    if routing_q.shape[:3] != (b, t, hq) or routing_k.shape[:3] != (b, t, hkv):
+      raise ValueError(
+        f"routing_q.shape={routing_q.shape} / routing_k.shape={routing_k.shape} must match "
+        f"q.shape={q.shape} / k.shape={k.shape} except in the last dim"
+      )
+
+
+# ------------------------------------------------------------------------ block kinds
+
+
+def _ops(implementation: str):
+  """(score_candidates, sparse_attention) of an implementation."""
+  if implementation == "pallas":
+    raise ValueError("implementation='pallas' is not available yet: use 'xla' or 'reference'")
+  return selector_reference.score_candidates, attention_reference.sparse_attention
+
+
+def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
+  pad = -x.shape[1] % multiple
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+
+def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
+  score_fn, attention_fn = _ops(implementation)
+  t = q.shape[1]
+  bs = config.block_size
+  qp, kp, vp = (_pad_seq(x, bs) for x in (q, k, v))
+  rq = qp if routing_q is None else _pad_seq(routing_q, bs)
+  rk = kp if routing_k is None else _pad_seq(routing_k, bs)
+  selected = _select(rq, rk, config, score_fn)
+  block_ids = _slot_list(selected, config)
+  out, _ = attention_fn(qp, kp, vp, block_ids, block_size=bs, query_tile=config.tile, scale=scale)
+  return out[:, :t], AttentionInfo(selected, _block_pairs(block_ids, config, t))
+
+
+def _tile_prefix(num_tiles: int, config: SSAConfig) -> tuple[jax.Array, jax.Array]:
+  """Each tile's block j0 and routable prefix length P = max(j0 - W, 0), in blocks."""
+  j0 = jnp.arange(num_tiles) * config.tile // config.block_size
+  return j0, jnp.maximum(j0 - config.local_blocks, 0)
+
+
+def _select(rq, rk, config: SSAConfig, score_fn) -> jax.Array:
+  """Chosen blocks [b, kv_heads, num_tiles, top_k] from padded routing q and k."""
+  rq, rk = jax.lax.stop_gradient(rq), jax.lax.stop_gradient(rk)
+  b, tp, hkv, _ = rk.shape
+  num_tiles = tp // config.tile
+  _, prefix = _tile_prefix(num_tiles, config)
+  if config.kind == "sliding":  # the top_k blocks right before the local window
+    ids = prefix[:, None] - config.top_k + jnp.arange(config.top_k)
+    ids = jnp.where(ids >= config.sink_blocks, ids, -1).astype(jnp.int32)
+    chosen = jnp.broadcast_to(ids, (b, hkv, num_tiles, config.top_k))
+  elif config.kind == "block_topk":
+    chosen = _flat_topk(_routing_rows(rq, hkv, config), _tree(rk, config)[0], prefix, config)
+  else:
+    rows = _routing_rows(rq, hkv, config)
+    tables = _tree(rk, config)
+    chosen = _beam_descent(rows, tables, prefix, config, score_fn)
+  return _sorted_ids(chosen, config.top_k)
+
+
+def _routing_rows(rq, hkv: int, config: SSAConfig) -> jax.Array:
+  """Routing rows of every tile: [b, kv_heads, num_tiles, Q * G, D].
+
+  Tile i routes with routing queries at positions [i*Q - Q + 1, i*Q]; positions below
+  0 repeat position 0, which leaves the max unchanged.
+  """
+  b, tp, hq, dr = rq.shape
+  q_tile, g = config.tile, hq // hkv
+  num_tiles = tp // q_tile
+  pos = jnp.maximum(jnp.arange(num_tiles)[:, None] * q_tile - q_tile + 1 + jnp.arange(q_tile), 0)
+  rows = rq[:, pos.reshape(-1)].reshape(b, num_tiles, q_tile, hkv, g, dr)
+  rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(b, hkv, num_tiles, q_tile * g, dr)
+  rows = rows.astype(jnp.float32)
+  if config.summary == "bounds":
+    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+  return rows
+
+
+def _tree(rk, config: SSAConfig) -> list[jax.Array]:
+  """Summary tables of levels 1..L, each [b, kv_heads, nodes_l, D].
+
+  `mean`: D = d_r; `bounds`: D = 2 d_r, [max, min]. The last node of a level may be
+  partial (padded); the frontier only ever uses complete nodes.
+  """
+  b, tp, hkv, dr = rk.shape
+  f = config.fanout
+  num_blocks = tp // config.block_size
+  keys = rk.astype(jnp.float32).reshape(b, num_blocks, config.block_size, hkv, dr)
+  keys = keys.transpose(0, 3, 1, 2, 4)  # [b, hkv, N, B, dr]
+  if config.summary == "mean":
+    level = keys.mean(axis=3)
+  else:
+    level = jnp.concatenate([keys.max(axis=3), keys.min(axis=3)], axis=-1)
+  tables = [level]
+  for _ in range(1, config.num_levels(num_blocks)):
+    n = level.shape[2]
+    padded = jnp.pad(level, ((0, 0), (0, 0), (0, -n % f), (0, 0)))
+    grouped = padded.reshape(b, hkv, -1, f, level.shape[-1])
+    if config.summary == "mean":
+      level = grouped.mean(axis=3)
+    else:
+      level = jnp.concatenate([grouped[..., :dr].max(axis=3), grouped[..., dr:].min(axis=3)], -1)
+    tables.append(level)
+  return tables
+
+
+def _beam_descent(rows, tables, prefix, config: SSAConfig, score_fn) -> jax.Array:
+  """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k]."""
+  b, hkv, num_tiles = rows.shape[:3]
+  f = config.fanout
+  slot = jnp.arange(f - 1)
+  kept = None  # node ids kept one level up, -1 for none
+  for level in range(len(tables), 0, -1):
+    span = f ** (level - 1)
+    # Frontier at this level: nodes [start, stop) with start = (P // F^l) * F.
+    start = prefix // (span * f) * f
+    stop = prefix // span
+    frontier = jnp.where(slot < (stop - start)[:, None], start[:, None] + slot, -1)
+    candidates = jnp.broadcast_to(frontier, (b, hkv, num_tiles, f - 1)).astype(jnp.int32)
+    if kept is not None:
+      children = kept[..., None] * f + jnp.arange(f)
+      children = jnp.where(kept[..., None] >= 0, children, -1)
+      candidates = jnp.concatenate([candidates, children.reshape(b, hkv, num_tiles, -1)], -1)
+    if level == 1:
+      candidates = jnp.where(candidates >= config.sink_blocks, candidates, -1)
+    scores = score_fn(rows, tables[level - 1], candidates)
+    keep = config.top_k if level == 1 else config.beam_at(level)
+    best, idx = jax.lax.top_k(scores, min(keep, candidates.shape[-1]))
+    kept = jnp.where(best > -jnp.inf, jnp.take_along_axis(candidates, idx, axis=-1), -1)
+  return kept
+
+
+def _flat_topk(rows, table, prefix, config: SSAConfig) -> jax.Array:
+  """block_topk: score every block [sink, P) of every tile, keep the best top_k.
+
+  Quadratic in T by design (the NSA/MoBA-style baseline); chunked over tiles so that
+  memory stays bounded.
+  """
+  b, hkv, num_tiles, r, _ = rows.shape
+  n = table.shape[2]
+  keep = min(config.top_k, n)
+  blocks = jnp.arange(n)
+
+  def chunk(args):
+    rows_t, prefix_t = args  # [b, hkv, R, D], scalar
+    scores = jnp.einsum("bhrd,bhnd->bhrn", rows_t, table, precision="highest").max(axis=2)
+    ok = (blocks >= config.sink_blocks) & (blocks < prefix_t)
+    best, idx = jax.lax.top_k(jnp.where(ok, scores, -jnp.inf), keep)
+    return jnp.where(best > -jnp.inf, idx, -1).astype(jnp.int32)
+
+  per_chunk = max(1, min(num_tiles, CHUNK_ELEMENTS // max(1, b * hkv * r * n)))
+  ids = jax.lax.map(chunk, (jnp.moveaxis(rows, 2, 0), prefix), batch_size=per_chunk)
+  return jnp.moveaxis(ids, 0, 2)
+
+
+def _sorted_ids(ids: jax.Array, top_k: int) -> jax.Array:
+  """Ascending block ids with -1 slots last, padded to `top_k` columns."""
+  ids = jnp.pad(ids, ((0, 0),) * 3 + ((0, top_k - ids.shape[-1]),), constant_values=-1)
+  big = jnp.iinfo(jnp.int32).max
+  ids = jnp.sort(jnp.where(ids >= 0, ids, big), axis=-1)
+  return jnp.where(ids == big, -1, ids).astype(jnp.int32)
+
+
+def _slot_list(selected, config: SSAConfig) -> jax.Array:
+  """Every tile's block list [b, kv, tiles, slots]: sinks, chosen, local, own; -1 empty."""
+  b, hkv, num_tiles, _ = selected.shape
+  j0, prefix = _tile_prefix(num_tiles, config)
+  sinks = jnp.arange(config.sink_blocks)
+  sinks = jnp.where(sinks < prefix[:, None], sinks, -1)
+  local = j0[:, None] - config.local_blocks + jnp.arange(config.local_blocks)
+  local = jnp.where(local >= 0, local, -1)
+  fixed_before = jnp.broadcast_to(sinks, (b, hkv) + sinks.shape)
+  fixed_after = jnp.broadcast_to(
+    jnp.concatenate([local, j0[:, None]], axis=-1), (b, hkv, num_tiles, config.local_blocks + 1)
+  )
+  return jnp.concatenate([fixed_before, selected, fixed_after], axis=-1).astype(jnp.int32)
+
+
+def _block_pairs(block_ids, config: SSAConfig, seq_len: int) -> jax.Array:
+  """Pairs attended per (batch, kv head): full listed blocks + the causal own block."""
+  bs, q_tile = config.block_size, config.tile
+  full_blocks = jnp.sum(block_ids[..., :-1] >= 0, axis=-1).astype(jnp.float32)  # [b, kv, tiles]
+  pos = jnp.arange(block_ids.shape[2] * q_tile)
+  own = jnp.where(pos < seq_len, pos % bs + 1, 0).reshape(-1, q_tile).astype(jnp.float32)
+  real = jnp.sum(own > 0, axis=-1).astype(jnp.float32)  # real queries per tile
+  return jnp.sum(full_blocks * bs * real + own.sum(-1), axis=-1)
+
+
+# ---------------------------------------------------------------- dense and indexer
+
+
+def _dense(q, k, v, scale, implementation):
+  b, t, _, _ = q.shape
+  backend = "xla"
+  if (
+    (implementation == "pallas" or implementation is None)
+    and jax.default_backend() == "gpu"
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+  ):
+    backend = "cudnn"
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=backend)
+  pairs = jnp.full((b, k.shape[2]), t * (t + 1) / 2, jnp.float32)
+  return out, AttentionInfo(None, pairs)
+
+
+def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
+  """DeepSeek-DSA-style: I[t, s] = sum_h w[t, h] relu(qI[t, h] . kI[s]); top tokens.
+
+  Every query attends to its `keys_per_query` best earlier tokens (all of them when
+  fewer exist), shared by all heads. The selector is quadratic by design; it runs a
+  chunk of queries at a time so memory stays O(chunk x T).
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  budget = min(config.keys_per_query, t)
+  index_q, index_k, weights = (
+    jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (index_q, index_k, weights)
+  )
+  per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * t * config.indexer_heads)))
+  pad = -t % per_chunk
+  qpos = jnp.arange(t + pad).reshape(-1, per_chunk)
+
+  def padq(x):
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, -1, per_chunk, *x.shape[2:]), 1, 0)
+
+  def chunk(args):
+    pos, q_c, iq_c, w_c = args  # [c], [b, c, hq, d], [b, c, H_I, d_I], [b, c, H_I]
+    logits_i = jnp.einsum("bchd,bsd->bchs", iq_c, index_k[:, :, 0], precision="highest")
+    score = jnp.einsum("bchs,bch->bcs", jax.nn.relu(logits_i), w_c, precision="highest")
+    causal = jnp.arange(t)[None, None, :] <= pos[None, :, None]
+    best, idx = jax.lax.top_k(jnp.where(causal, score, -jnp.inf), budget)
+    valid = best > -jnp.inf  # [b, c, K]
+    k_sel = k[jnp.arange(b)[:, None, None], idx].astype(jnp.float32)  # [b, c, K, hkv, d]
+    v_sel = v[jnp.arange(b)[:, None, None], idx].astype(jnp.float32)
+    q_g = q_c.astype(jnp.float32).reshape(b, -1, hkv, g, d)
+    logits = jnp.einsum("bckgd,bcskd->bckgs", q_g, k_sel, precision="highest") * scale
+    logits = jnp.where(valid[:, :, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bckgs,bcskd->bckgd", probs, v_sel, precision="highest")
+    return out.reshape(b, -1, hq, d)
+
+  out = jax.lax.map(jax.checkpoint(chunk), (qpos, padq(q), padq(index_q), padq(weights)))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, t + pad, hq, d)[:, :t].astype(q.dtype)
+  keys = jnp.minimum(jnp.arange(t) + 1, budget).astype(jnp.float32)
+  return out, AttentionInfo(None, jnp.broadcast_to(keys.sum(), (b, hkv)))
