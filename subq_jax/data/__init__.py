@@ -1,0 +1,1 @@
+"""Data: tokenizers, the embedded stdlib corpus, synthetic retrieval tasks, grain pipelines."""

@@ -1,0 +1,123 @@
+"""grain pipelines: the train/eval mixture of code and synthetic tasks, packed to length.
+
+Sample i of a stream is a pure function of (seed, stage, i): its source (code or a task,
+drawn by `mixture` weight) and content come from `np.random.default_rng([seed, stage, i])`.
+So the grain iterator state is just the next index, it goes into the checkpoint, and a
+resumed run sees exactly the batches an uninterrupted run would have.
+
+Packing: every sequence is exactly `seq_len + 1` tokens (inputs and shifted targets).
+Code sequences are windows of the corpus stream, whose documents are joined by the
+separator token; tasks are padded out with code behind a separator. No cross-document
+masking (as SubQ trained): separators are ordinary tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import jax
+import numpy as np
+
+from subq_jax.data import corpus, tasks
+from subq_jax.data.tokenizer import get_tokenizer
+
+SOURCES = ("code", "niah", "mqar")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Attributes:
+  seed: data seed (independent of the model seed).
+  tokenizer, tokenizer_path: `byte`, or `sentencepiece` / `hf` with a model file.
+  corpus_root: directory of .py files; None = the interpreter's stdlib.
+  val_fraction: share of corpus documents held out for validation / evaluation haystacks.
+  mixture: weight per source in `SOURCES` (normalised).
+  niah, mqar: task knobs.
+  num_threads, prefetch: grain read options.
+  """
+
+  seed: int = 0
+  tokenizer: str = "byte"
+  tokenizer_path: str | None = None
+  corpus_root: str | None = None
+  val_fraction: float = 0.05
+  mixture: tuple[tuple[str, float], ...] = (("code", 0.5), ("niah", 0.25), ("mqar", 0.25))
+  niah: tasks.NIAHConfig = dataclasses.field(default_factory=tasks.NIAHConfig)
+  mqar: tasks.MQARConfig = dataclasses.field(default_factory=tasks.MQARConfig)
+  num_threads: int = 1
+  prefetch: int = 4
+
+  def __post_init__(self):
+    mixture = self.mixture
+    if isinstance(mixture, dict):
+      mixture = tuple(mixture.items())
+    object.__setattr__(self, "mixture", tuple((str(k), float(w)) for k, w in mixture))
+    for name, weight in self.mixture:
+      if name not in SOURCES:
+        raise ValueError(f"data.mixture has source {name!r}, not one of {SOURCES}")
+      if weight < 0:
+        raise ValueError(f"data.mixture.{name}={weight} must be >= 0")
+    if sum(w for _, w in self.mixture) <= 0:
+      raise ValueError(f"data.mixture={dict(self.mixture)} has no positive weight")
+    if isinstance(self.niah, dict):
+      object.__setattr__(self, "niah", tasks.NIAHConfig(**self.niah))
+    if isinstance(self.mqar, dict):
+      object.__setattr__(self, "mqar", tasks.MQARConfig(**self.mqar))
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+
+  def make_tokenizer(self):
+    return get_tokenizer(self.tokenizer, self.tokenizer_path)
+
+
+def make_sample(cfg: DataConfig, tokenizer, stream, seq_len: int, rng, source: str):
+  """One packed sequence of `seq_len + 1` tokens from `source`, as a dict of arrays."""
+  length = seq_len + 1
+  if source == "code":
+    sample = tasks.Sample(tasks.code_window(rng, stream, length), np.zeros(length, bool))
+  elif source == "niah":
+    sample = tasks.niah(rng, tokenizer, stream, length, cfg.niah)
+  elif source == "mqar":
+    sample = tasks.mqar(rng, tokenizer, stream, length, cfg.mqar)
+  else:
+    raise ValueError(f"unknown source {source!r}")
+  return {
+    "tokens": sample.tokens.astype(np.int32),
+    "answer_mask": sample.answer_mask,
+    "source": np.int32(SOURCES.index(source)),
+  }
+
+
+class _Sampler:
+  """Index -> sample; picklable so grain may run it in worker threads."""
+
+  def __init__(self, cfg: DataConfig, split: str, seq_len: int, stage: int):
+    self.cfg, self.seq_len, self.stage = cfg, seq_len, stage
+    self.tokenizer = cfg.make_tokenizer()
+    self.stream = corpus.token_stream(self.tokenizer, split, cfg.val_fraction, cfg.corpus_root)
+    self.names = [n for n, _ in cfg.mixture]
+    weights = np.asarray([w for _, w in cfg.mixture], np.float64)
+    self.probs = weights / weights.sum()
+
+  def __call__(self, index: int):
+    rng = np.random.default_rng([self.cfg.seed, self.stage, int(index)])
+    source = self.names[int(rng.choice(len(self.names), p=self.probs))]
+    return make_sample(self.cfg, self.tokenizer, self.stream, self.seq_len, rng, source)
+
+
+def make_dataset(
+  cfg: DataConfig, *, seq_len: int, batch_size: int, stage: int = 0, split: str = "train"
+):
+  """An infinite grain IterDataset of batches {tokens [b, seq_len + 1], answer_mask, source}.
+
+  Each process of a multi-host run reads its own slice of indices; `batch_size` is per
+  process.
+  """
+  ds = grain.MapDataset.range(1 << 62)
+  if jax.process_count() > 1:
+    ds = ds[jax.process_index() :: jax.process_count()]
+  ds = ds.map(_Sampler(cfg, split, seq_len, stage)).batch(batch_size, drop_remainder=True)
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+  )

@@ -1,0 +1,147 @@
+"""Synthetic long-context tasks, generated on the fly from a seeded numpy Generator.
+
+Each generator returns a `Sample`: `length` tokens and a mask of the answer tokens
+(what retrieval evaluation scores, teacher-forced). Filler text ("haystack") is a window of
+the code corpus, so the tasks sit inside real text. The evaluation issue adds the RULER
+families here.
+
+- `niah`: needle in a haystack. `num_needles` lines "# key <K> holds <V>" at random depths
+  (K, V random UUIDs, optionally cut to `uuid_chars` hex digits), then at the end
+  `num_queries` lines "# recall <K> -> <V>"; the answer is V.
+- `mqar`: multi-query associative recall (Zoology): "k:v" pairs, then the keys in another
+  order, each followed by its value; the answer is every queried value. Packed between
+  code windows with document separators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import uuid
+
+import numpy as np
+
+_LOWER = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
+_DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class NIAHConfig:
+  num_needles: int = 4
+  num_queries: int = 2
+  uuid_chars: int = 36  # 36 = the full UUID text; fewer = that many hex digits
+
+  def __post_init__(self):
+    if not 1 <= self.num_queries <= self.num_needles:
+      raise ValueError(
+        f"niah.num_queries={self.num_queries} must be in [1, niah.num_needles={self.num_needles}]"
+      )
+    if not 1 <= self.uuid_chars <= 36:
+      raise ValueError(f"niah.uuid_chars={self.uuid_chars} must be in [1, 36]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARConfig:
+  num_pairs: int = 16
+  num_queries: int = 8
+  key_len: int = 3
+  value_len: int = 3
+
+  def __post_init__(self):
+    if not 1 <= self.num_queries <= self.num_pairs:
+      raise ValueError(
+        f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
+      )
+
+
+@dataclasses.dataclass
+class Sample:
+  tokens: np.ndarray  # int32 [length]
+  answer_mask: np.ndarray  # bool [length]: True on answer tokens
+
+
+def random_uuid(rng: np.random.Generator, chars: int) -> str:
+  text = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+  return text if chars >= 36 else text.replace("-", "")[:chars]
+
+
+def code_window(rng: np.random.Generator, stream: np.ndarray, length: int) -> np.ndarray:
+  """`length` consecutive corpus tokens from a random offset (wrapping around)."""
+  if length <= 0:
+    return np.zeros((0,), np.int32)
+  start = int(rng.integers(0, len(stream)))
+  idx = (start + np.arange(length)) % len(stream)
+  return stream[idx]
+
+
+def _concat(parts):
+  """[(tokens, is_answer)] -> Sample."""
+  tokens = np.concatenate([p for p, _ in parts]).astype(np.int32)
+  mask = np.concatenate([np.full(len(p), a, bool) for p, a in parts])
+  return Sample(tokens, mask)
+
+
+def _fit(sample: Sample, length: int, what: str) -> Sample:
+  if len(sample.tokens) != length:
+    raise ValueError(f"{what}: built {len(sample.tokens)} tokens, expected {length}")
+  return sample
+
+
+def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> Sample:
+  """Needles at random (or given, in [0, 1]) depths of a code haystack; queries at the end."""
+  enc = tokenizer.encode
+  keys = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
+  values = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
+  needles = [enc(f"\n# key {k} holds {v}\n") for k, v in zip(keys, values, strict=True)]
+  asked = rng.permutation(cfg.num_needles)[: cfg.num_queries]
+  query = []
+  for i in asked:
+    query += [(enc(f"\n# recall {keys[i]} -> "), False), (enc(values[i]), True)]
+  query_len = sum(len(p) for p, _ in query)
+  hay_len = length - query_len - sum(len(n) for n in needles)
+  if hay_len < 0:
+    raise ValueError(
+      f"niah: length={length} is too short for {cfg.num_needles} needles and "
+      f"{cfg.num_queries} queries of {cfg.uuid_chars} chars"
+    )
+  hay = code_window(rng, stream, hay_len)
+  if depths is None:
+    depths = rng.random(cfg.num_needles)
+  cuts = np.sort((np.asarray(depths, np.float64) * hay_len).astype(np.int64))
+  parts, prev = [], 0
+  for cut, needle in zip(cuts, needles, strict=True):
+    parts += [(hay[prev:cut], False), (needle, False)]
+    prev = cut
+  parts.append((hay[prev:], False))
+  return _fit(_concat(parts + query), length, "niah")
+
+
+def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
+  """Key-value pairs then queries, packed between code windows with separators."""
+  enc = tokenizer.encode
+
+  def word(alphabet, n):
+    return rng.choice(alphabet, size=n).tobytes().decode()
+
+  keys = []
+  while len(keys) < cfg.num_pairs:  # distinct keys
+    k = word(_LOWER, cfg.key_len)
+    if k not in keys:
+      keys.append(k)
+  values = [word(_DIGITS, cfg.value_len) for _ in keys]
+  parts = [(enc("mqar " + " ".join(f"{k}:{v}" for k, v in zip(keys, values, strict=True))), False)]
+  parts.append((enc(" |"), False))
+  for i in rng.permutation(cfg.num_pairs)[: cfg.num_queries]:
+    parts += [(enc(f" {keys[i]}:"), False), (enc(values[i]), True)]
+  doc_len = sum(len(p) for p, _ in parts)
+  sep = np.asarray([tokenizer.sep_id], np.int32)
+  free = length - doc_len - 2
+  if free < 0:
+    raise ValueError(f"mqar: length={length} is too short for {cfg.num_pairs} pairs")
+  before = int(rng.integers(0, free + 1))
+  parts = (
+    [(code_window(rng, stream, before), False), (sep, False)]
+    + parts
+    + [(sep, False), (code_window(rng, stream, free - before), False)]
+  )
+  return _fit(_concat(parts), length, "mqar")

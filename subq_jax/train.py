@@ -1,0 +1,375 @@
+"""Training loop: AdamW, staged context extension, orbax checkpoints, exact resume.
+
+`train(config, workdir)` runs (or resumes) the schedule of `config.train.stages`. The
+orbax checkpoint holds {"state": params + optimizer, "data": grain iterator state and
+stage, "meta": the model config}, written atomically (orbax renames a finished temporary
+directory; a partial one is never listed as a step). Data is a pure function of the step
+(see subq_jax/data/pipeline.py), so a resumed run reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from subq_jax.data.pipeline import make_dataset, make_sample
+from subq_jax.experiment import ExperimentConfig, TrainConfig
+from subq_jax.model import ModelConfig, Transformer, count_params
+
+
+class IncompatibleCheckpointError(ValueError):
+  pass
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
+  """The model config of a stage: its YaRN scale over the first stage's length."""
+  s = cfg.train.stages[stage]
+  return dataclasses.replace(
+    cfg.model,
+    rope_scale=s.rope_scale,
+    rope_original_length=cfg.model.rope_original_length or cfg.train.stages[0].seq_len,
+  )
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=tc.lr,
+    warmup_steps=tc.warmup_steps,
+    decay_steps=max(tc.total_steps, tc.warmup_steps + 1),
+    end_value=tc.lr * tc.min_lr_ratio,
+  )
+  # Decay matrices only: norms' scales (vectors) keep their weight.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  chain = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+  chain.append(
+    optax.adamw(
+      schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask
+    )
+  )
+  return optax.chain(*chain)
+
+
+def lm_loss(
+  logits_BxTxV, tokens_BxT1, *, aggregation: str, sep_id: int, pad_id: int, answer_mask=None
+):
+  """Next-token loss and metrics.
+
+  `token`: mean NLL over all target tokens. `sample`: each document (a run of tokens up
+  to and including a separator) gets its own mean NLL, and documents are averaged.
+  """
+  inputs, targets = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+  logp = jax.nn.log_softmax(logits_BxTxV)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  weight = (targets != pad_id).astype(jnp.float32)
+  if aggregation == "token":
+    loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  else:
+    b, t = targets.shape
+    doc = jnp.cumsum(inputs == sep_id, axis=1) + jnp.arange(b)[:, None] * (t + 1)
+    doc = doc.reshape(-1)
+    num = b * (t + 1)
+    doc_nll = jax.ops.segment_sum((nll * weight).reshape(-1), doc, num_segments=num)
+    doc_cnt = jax.ops.segment_sum(weight.reshape(-1), doc, num_segments=num)
+    present = doc_cnt > 0
+    loss = jnp.sum(jnp.where(present, doc_nll / jnp.maximum(doc_cnt, 1.0), 0.0)) / jnp.maximum(
+      jnp.sum(present), 1
+    )
+  metrics = {"loss": loss, "token_nll": jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)}
+  if answer_mask is not None:
+    am = answer_mask[:, 1:].astype(jnp.float32)
+    correct = (jnp.argmax(logits_BxTxV, -1) == targets).astype(jnp.float32)
+    metrics["answer_token_acc"] = jnp.sum(correct * am) / jnp.maximum(jnp.sum(am), 1.0)
+  return loss, metrics
+
+
+def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: int):
+  """Jitted (params, opt_state, batch) -> (params, opt_state, metrics); donates the state."""
+
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"][:, :-1])
+    return lm_loss(
+      logits,
+      batch["tokens"],
+      aggregation=cfg.train.loss_aggregation,
+      sep_id=sep_id,
+      pad_id=pad_id,
+      answer_mask=batch["answer_mask"],
+    )
+
+  def step(params, opt_state, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    # Per-parameter finiteness, so a NaN report can name where it started.
+    metrics["grads_finite"] = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def check_finite(step: int, metrics: dict):
+  """Raises NonFiniteLossError naming the step and the non-finite values."""
+  bad = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not np.isfinite(v)}
+  if not bad:
+    return
+  grads = metrics.get("grads_finite")
+  where = ""
+  if grads is not None:
+    names = [
+      jax.tree_util.keystr(path)
+      for path, ok in jax.tree_util.tree_flatten_with_path(grads)[0]
+      if not bool(ok)
+    ]
+    if names:
+      where = f"; non-finite gradients in {len(names)} parameters, first {names[:3]}"
+  raise NonFiniteLossError(f"step {step}: non-finite {bad}{where}; stopping the run")
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def check_schedule(cfg: ExperimentConfig):
+  """Fails before any compute when a stage cannot hold the data or the device batch."""
+  tok = cfg.data.make_tokenizer()
+  stream = np.arange(1000, dtype=np.int32) % 200  # stands in for the corpus
+  for i, s in enumerate(cfg.train.stages):
+    for source, weight in cfg.data.mixture:
+      if weight > 0:
+        try:
+          make_sample(cfg.data, tok, stream, s.seq_len, np.random.default_rng(0), source)
+        except ValueError as e:
+          raise ValueError(
+            f"train.stages[{i}] (seq_len={s.seq_len}) cannot hold {source}: {e}"
+          ) from e
+  if cfg.train.batch_size % jax.device_count():
+    raise ValueError(
+      f"train.batch_size={cfg.train.batch_size} is not a multiple of the "
+      f"{jax.device_count()} devices"
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _checkpoint_manager(workdir: str, tc: TrainConfig) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), "checkpoints"),
+    item_names=("state", "data", "meta"),
+    options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True),
+  )
+
+
+def _meta(cfg: ExperimentConfig) -> dict:
+  return {
+    "model": json.loads(json.dumps(dataclasses.asdict(cfg.model))),
+    "tokenizer": cfg.data.tokenizer,
+  }
+
+
+def _check_compatible(saved: dict, cfg: ExperimentConfig, path: str):
+  now = _meta(cfg)
+  diffs = [k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
+  if saved.get("tokenizer") != now["tokenizer"]:
+    diffs.append("data.tokenizer")
+  if diffs:
+    detail = ", ".join(
+      f"model.{k}: checkpoint {saved.get('model', {}).get(k)!r} vs config {now['model'][k]!r}"
+      for k in diffs
+      if k in now["model"]
+    )
+    raise IncompatibleCheckpointError(
+      f"the checkpoints in {path} were written by an incompatible config ({detail or diffs}); "
+      "use another --workdir or the matching config"
+    )
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: nnx.State
+  model_config: ModelConfig  # of the last stage run
+  losses: dict[int, float]  # step (1-based, after the update) -> loss of that step's batch
+  steps_run: int
+  wall_s: float
+
+
+def train(
+  cfg: ExperimentConfig,
+  workdir: str,
+  *,
+  stop_after: int | None = None,
+  log=print,
+) -> TrainResult:
+  """Trains (resuming from the latest checkpoint in `workdir`) to the end of the schedule.
+
+  `stop_after` ends the run after that global step with a checkpoint (as a preemption
+  would). Ctrl-C saves a checkpoint of the last finished step, then re-raises.
+  """
+  from subq_jax.metrics import MetricWriter
+
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  check_schedule(cfg)
+  tc = cfg.train
+  tok = cfg.data.make_tokenizer()
+  mngr = _checkpoint_manager(workdir, tc)
+  latest = mngr.latest_step()
+  if latest is not None:
+    saved_meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    _check_compatible(saved_meta, cfg, mngr.directory)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json())
+
+  model = Transformer(stage_model_config(cfg, 0), rngs=nnx.Rngs(tc.seed))
+  kinds = [cfg.model.layer_attention(i).kind for i in range(cfg.model.num_layers)]
+  log(f"model: {count_params(model):,} parameters, attention per layer {kinds}")
+  _, params = nnx.split(model)
+  del model
+  tx = make_optimizer(tc)
+  opt_state = tx.init(params)
+  step = 0
+  data_state = None
+  if latest is not None:
+    abstract = jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state}
+    )
+    restored = mngr.restore(
+      latest,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+      ),
+    )
+    params, opt_state = restored.state["params"], restored.state["opt_state"]
+    data_state = restored.data
+    step = latest
+    log(f"resumed from {mngr.directory}/{latest}")
+
+  writer = MetricWriter(workdir)
+  writer.truncate_after(step)
+  losses: dict[int, float] = {}
+  total = tc.total_steps
+  end = total if stop_after is None else min(total, stop_after)
+  model_cfg = stage_model_config(cfg, tc.stage_at(step))
+
+  def save(at_step, it_state, stage):
+    mngr.save(
+      at_step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        data=ocp.args.JsonSave({"stage": stage, "iterator": it_state}),
+        meta=ocp.args.JsonSave(_meta(cfg)),
+      ),
+      force=True,
+    )
+
+  pending = None  # (step, metrics) fetched after the next step is dispatched
+  last_saved = step
+  t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
+  t_run, steps_run = time.time(), 0
+  try:
+    while step < end:
+      stage = tc.stage_at(step)
+      s = tc.stages[stage]
+      model_cfg = stage_model_config(cfg, stage)
+      graphdef = nnx.graphdef(nnx.eval_shape(lambda c=model_cfg: Transformer(c, rngs=nnx.Rngs(0))))
+      train_step = make_train_step(graphdef, tx, cfg, tok.sep_id, tok.pad_id)
+      it = iter(make_dataset(cfg.data, seq_len=s.seq_len, batch_size=tc.batch_size, stage=stage))
+      if data_state is not None and data_state["stage"] == stage:
+        it.set_state(data_state["iterator"])
+      data_state = None
+      stage_end = min(tc.stage_start(stage) + s.steps, end)
+      log(
+        f"stage {stage}: seq_len {s.seq_len}, rope_scale {s.rope_scale}, steps {step}..{stage_end}"
+      )
+      while step < stage_end:
+        batch = next(it)
+        batch = {k: v for k, v in batch.items() if k != "source"}
+        params, opt_state, metrics = train_step(params, opt_state, batch)
+        step += 1
+        if pending is not None:
+          _record(pending, losses)
+        pending = (step, metrics)
+        steps_since_log += 1
+        steps_run += 1
+        tokens_since_log += tc.batch_size * s.seq_len
+        if step % tc.log_every == 0 or step == stage_end:
+          _record(pending, losses)
+          m = jax.device_get(pending[1])
+          pending = None
+          now = time.time()
+          tps = tokens_since_log / max(now - t_log, 1e-9)
+          sec_per_step = (now - t_run) / max(steps_run, 1)
+          scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0} | {
+            "tokens_per_s": tps,
+            "seq_len": s.seq_len,
+            "stage": stage,
+            "lr": float(_lr(tc, step)),
+          }
+          writer.write(step, scalars)
+          log(
+            f"step {step:>6}/{total} | loss {scalars['loss']:.4f} | answer acc "
+            f"{scalars.get('answer_token_acc', float('nan')):.3f} | {tps:,.0f} tok/s | "
+            f"ETA {_fmt_time((total - step) * sec_per_step)}"
+          )
+          t_log, steps_since_log, tokens_since_log = now, 0, 0
+        if step % tc.checkpoint_every == 0 or step == end:
+          if pending is not None:
+            _record(pending, losses)
+            pending = None
+          save(step, it.get_state(), stage)
+          last_saved = step
+      writer.flush()
+  except KeyboardInterrupt:
+    if pending is not None:
+      _record(pending, losses)  # raises if the last step went non-finite: nothing saved
+    if step > last_saved:
+      save(step, it.get_state(), stage)
+      mngr.wait_until_finished()
+      log(f"interrupted: saved a checkpoint at step {step}")
+    raise
+  finally:
+    mngr.wait_until_finished()
+    writer.close()
+  mngr.close()
+  if pending is not None:
+    _record(pending, losses)
+  return TrainResult(params, model_cfg, losses, steps_run, time.time() - t_start)
+
+
+def _record(pending, losses):
+  step, metrics = pending
+  m = jax.device_get(metrics)
+  check_finite(step, m)
+  losses[step] = float(m["loss"])
+
+
+def _lr(tc: TrainConfig, step: int) -> float:
+  if step < tc.warmup_steps:
+    return tc.lr * step / max(tc.warmup_steps, 1)
+  frac = (step - tc.warmup_steps) / max(tc.total_steps - tc.warmup_steps, 1)
+  return tc.lr * (
+    tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+  )
