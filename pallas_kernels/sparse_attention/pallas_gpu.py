@@ -1,0 +1,390 @@
+"""Block-sparse attention as Pallas GPU kernels (Triton backend), forward and backward.
+
+Same semantics as `reference.sparse_attention`: every query tile attends, with one
+softmax, to the KV blocks listed for it, causally; the G query heads of a KV head's
+group share the list, so a program's rows are (queries x G heads) and the matrix
+units stay full for any GQA ratio.
+
+- forward: one program per (batch, kv head, chunk of a query tile): online softmax
+  over the tile's listed blocks, bf16 (input dtype) matmuls with f32 accumulation,
+  output and log-sum-exp.
+- backward: dq query-centric (same grid as the forward); dk/dv key-centric, one
+  program per (batch, kv head, block) looping over the tiles that listed the block
+  (the transposed CSR index from `index.py`, built on device in XLA).
+
+The lists are compacted first (`index.compact_block_lists`): valid blocks ascending,
+so the tile's own block, the only one that needs a causal mask, comes last.
+
+Layouts: q, out and dq are viewed as [batch, T, kv_heads, G, head_dim] (a free
+reshape), k and v stay [batch, T, kv_heads, head_dim]; nothing is transposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.sparse_attention import index
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Rows (queries x G heads) per program and Triton launch parameters of each kernel.
+
+  Attributes:
+    block_m: rows per forward program; a tile of Q queries x G heads is split into
+      Q * G / block_m programs (at least G rows: one query of every head).
+    block_m_dq: rows per dq program.
+    block_m_dkv: rows per step of a dk/dv program's loop over the tiles of a block.
+    num_warps, num_stages: forward launch parameters; *_dq and *_dkv for the backward.
+  """
+
+  block_m: int = 128
+  block_m_dq: int = 128
+  block_m_dkv: int = 128
+  num_warps: int = 8
+  num_stages: int = 2
+  num_warps_dq: int = 8
+  num_stages_dq: int = 2
+  num_warps_dkv: int = 8
+  num_stages_dkv: int = 2
+
+  @classmethod
+  def get_default(cls) -> BlockSizes:
+    return cls()
+
+
+def _queries_per_program(block_m: int, g: int, query_tile: int) -> int:
+  qm = min(query_tile, max(1, block_m // g))
+  if query_tile % qm:
+    raise ValueError(f"{query_tile=} must be a multiple of {qm=} (block_m={block_m} // {g=})")
+  return qm
+
+
+def _dot(a, b, trans_b=False):
+  """a @ b (a @ b.T with trans_b) with f32 accumulation; lowers to tl.dot."""
+  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _mask(s, q_pos, k_pos):
+  return jnp.where(k_pos <= q_pos, s, MASK_VALUE)
+
+
+def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale):
+  """One chunk of qm queries x G heads against its tile's compacted block list."""
+  d = q_ref.shape[-1]
+  rows = qm * g
+  q_first = pl.program_id(2) * qm
+  q = q_ref[...].reshape(rows, d)
+  q_pos = (q_first + jnp.arange(rows, dtype=jnp.int32) // g)[:, None]
+  k_off = jnp.arange(block_size, dtype=jnp.int32)[None, :]
+  num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
+
+  # m and l (see the FlashAttention paper) are the running max (base 2) and sum of
+  # the row's exponentials; acc is the unnormalised output.
+  def step(i, carry, masked):
+    acc, m, l_sum = carry
+    start = pl.multiple_of(jnp.maximum(ids_ref[i], 0) * block_size, block_size)
+    k = k_ref[pl.ds(start, block_size), :]
+    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    if masked:
+      s = _mask(s, q_pos, start + k_off)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + jnp.sum(p, axis=1)
+    v = v_ref[pl.ds(start, block_size), :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l_sum
+
+  carry = (
+    jnp.zeros((rows, d), jnp.float32),
+    jnp.full((rows,), MASK_VALUE, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+  # Blocks before the tile's own block are fully visible; the own block comes last.
+  carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
+  acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
+  o_ref[...] = (acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
+  lse_ref[...] = ((m + jnp.log2(l_sum)) / LOG2E).reshape(qm, g)
+
+
+def _dq_kernel(
+  ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_size, qm, g, scale
+):
+  d = q_ref.shape[-1]
+  rows = qm * g
+  q_first = pl.program_id(2) * qm
+  q = q_ref[...].reshape(rows, d)
+  do = do_ref[...].reshape(rows, d)
+  lse2 = lse_ref[...].reshape(rows) * LOG2E
+  delta = delta_ref[...].reshape(rows)
+  q_pos = (q_first + jnp.arange(rows, dtype=jnp.int32) // g)[:, None]
+  k_off = jnp.arange(block_size, dtype=jnp.int32)[None, :]
+  num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
+
+  def step(i, dq, masked):
+    start = pl.multiple_of(jnp.maximum(ids_ref[i], 0) * block_size, block_size)
+    k = k_ref[pl.ds(start, block_size), :]
+    v = v_ref[pl.ds(start, block_size), :]
+    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    if masked:
+      s = _mask(s, q_pos, start + k_off)
+    p = jnp.exp2(s - lse2[:, None])
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(
+    0, num_valid - 1, functools.partial(step, masked=False), jnp.zeros((rows, d), jnp.float32)
+  )
+  dq = step(jnp.maximum(num_valid - 1, 0), dq, masked=True)
+  dq_ref[...] = (dq * scale).reshape(qm, g, d).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+  meta_ref,
+  tiles_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  block_size,
+  query_tile,
+  qm,
+  g,
+  scale,
+):
+  """dk, dv of one KV block: a loop over the tiles that listed it (CSR entries)."""
+  d = k_ref.shape[-1]
+  rows = qm * g
+  k_first = pl.program_id(2) * block_size
+  k = k_ref[...]
+  v = v_ref[...]
+  k_pos = (k_first + jnp.arange(block_size, dtype=jnp.int32))[:, None]
+  row_query = (jnp.arange(rows, dtype=jnp.int32) // g)[None, :]
+
+  def step(e, carry, masked):
+    dk, dv = carry
+    tile = tiles_ref[e]
+    for c in range(query_tile // qm):
+      q_first = tile * query_tile + c * qm
+      q = q_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
+      do = do_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
+      lse2 = lse_ref[pl.ds(q_first, qm), :].reshape(rows) * LOG2E
+      delta = delta_ref[pl.ds(q_first, qm), :].reshape(rows)
+      # Transposed logits (keys x rows): dk and dv come out without transposes.
+      s_t = _dot(k, q, trans_b=True) * (scale * LOG2E)
+      if masked:
+        s_t = _mask(s_t, q_first + row_query, k_pos)
+      p_t = jnp.exp2(s_t - lse2[None, :])
+      dv = dv + _dot(p_t.astype(do.dtype), do)
+      dp_t = _dot(v, do, trans_b=True)
+      ds_t = p_t * (dp_t - delta[None, :])
+      dk = dk + _dot(ds_t.astype(q.dtype), q)
+    return dk, dv
+
+  start, diag_end, end = meta_ref[0], meta_ref[1], meta_ref[2]
+  carry = (jnp.zeros((block_size, d), jnp.float32), jnp.zeros((block_size, d), jnp.float32))
+  # Tiles inside the block (causal mask) come first in the CSR row, later tiles after.
+  carry = jax.lax.fori_loop(start, diag_end, functools.partial(step, masked=True), carry)
+  dk, dv = jax.lax.fori_loop(diag_end, end, functools.partial(step, masked=False), carry)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _check(q, k, v, block_ids, block_size, query_tile):
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  if k.shape != (b, t, hkv, d) or v.shape != k.shape:
+    raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} do not match")
+  if hq % hkv:
+    raise ValueError(f"q_heads={hq} must be a multiple of kv_heads={hkv}")
+  if t % block_size or block_size % query_tile:
+    raise ValueError(
+      f"seq_len={t} must be a multiple of {block_size=}, a multiple of {query_tile=}"
+    )
+  if block_ids.shape[:3] != (b, hkv, t // query_tile):
+    raise ValueError(f"{block_ids.shape=} must start with {(b, hkv, t // query_tile)}")
+
+
+def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  slots = ids.shape[-1]
+  qm = _queries_per_program(block_sizes.block_m, g, query_tile)
+  per_tile = query_tile // qm
+  q5 = q.reshape(b, t, hkv, g, d)
+  kernel = functools.partial(_fwd_kernel, block_size=block_size, qm=qm, g=g, scale=scale)
+  rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
+  kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
+  out, lse = pl.pallas_call(
+    kernel,
+    grid=(b, hkv, t // qm),
+    in_specs=[
+      pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
+      rows_spec,
+      kv_spec,
+      kv_spec,
+    ],
+    out_specs=[
+      rows_spec,
+      pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, t, hkv, g), jnp.float32),
+    ],
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+    ),
+    interpret=interpret,
+    name="ssa_sparse_attention_fwd",
+  )(ids, q5, k, v)
+  return out.reshape(b, t, hq, d), lse.reshape(b, t, hq).transpose(0, 2, 1)
+
+
+def _backward(
+  q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret
+):
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  slots = ids.shape[-1]
+  num_blocks = t // block_size
+  q5 = q.reshape(b, t, hkv, g, d)
+  do5 = do.reshape(b, t, hkv, g, d)
+  # d lse / d logits = p, so an lse cotangent folds into delta.
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  delta = delta - dlse.transpose(0, 2, 1)
+  delta = delta.reshape(b, t, hkv, g)
+  lse4 = lse.transpose(0, 2, 1).reshape(b, t, hkv, g)
+
+  qm = _queries_per_program(block_sizes.block_m_dq, g, query_tile)
+  per_tile = query_tile // qm
+  rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
+  stat_spec = pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
+  dq = pl.pallas_call(
+    functools.partial(_dq_kernel, block_size=block_size, qm=qm, g=g, scale=scale),
+    grid=(b, hkv, t // qm),
+    in_specs=[
+      pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
+      rows_spec,
+      kv_spec,
+      kv_spec,
+      rows_spec,
+      stat_spec,
+      stat_spec,
+    ],
+    out_specs=rows_spec,
+    out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.num_warps_dq, num_stages=block_sizes.num_stages_dq
+    ),
+    interpret=interpret,
+    name="ssa_sparse_attention_dq",
+  )(ids, q5, k, v, do5, lse4, delta)
+
+  tiles_sorted, meta = index.transpose_block_lists(
+    ids, num_blocks=num_blocks, block_size=block_size, query_tile=query_tile
+  )
+  entries = tiles_sorted.shape[-1]
+  qm = _queries_per_program(block_sizes.block_m_dkv, g, query_tile)
+  full_rows = pl.BlockSpec((None, t, None, g, d), lambda bi, hi, j: (bi, 0, hi, 0, 0))
+  full_stat = pl.BlockSpec((None, t, None, g), lambda bi, hi, j: (bi, 0, hi, 0))
+  block_spec = pl.BlockSpec((None, block_size, None, d), lambda bi, hi, j: (bi, j, hi, 0))
+  dk, dv = pl.pallas_call(
+    functools.partial(
+      _dkv_kernel, block_size=block_size, query_tile=query_tile, qm=qm, g=g, scale=scale
+    ),
+    grid=(b, hkv, num_blocks),
+    in_specs=[
+      pl.BlockSpec((None, None, None, 4), lambda bi, hi, j: (bi, hi, j, 0)),
+      pl.BlockSpec((None, None, entries), lambda bi, hi, j: (bi, hi, 0)),
+      full_rows,
+      block_spec,
+      block_spec,
+      full_rows,
+      full_stat,
+      full_stat,
+    ],
+    out_specs=[block_spec, block_spec],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.num_warps_dkv, num_stages=block_sizes.num_stages_dkv
+    ),
+    interpret=interpret,
+    name="ssa_sparse_attention_dkv",
+  )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
+  return dq.reshape(q.shape), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _sparse_attention(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
+  return _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret)
+
+
+def _sparse_attention_fwd(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
+  out, lse = _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret)
+  return (out, lse), (q, k, v, ids, out, lse)
+
+
+def _sparse_attention_bwd(block_size, query_tile, scale, block_sizes, interpret, res, cts):
+  q, k, v, ids, out, lse = res
+  do, dlse = cts
+  dq, dk, dv = _backward(
+    q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret
+  )
+  return dq, dk, dv, None
+
+
+_sparse_attention.defvjp(_sparse_attention_fwd, _sparse_attention_bwd)
+
+
+def sparse_attention_pallas(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  block_ids: jax.Array,
+  *,
+  block_size: int,
+  query_tile: int,
+  scale: float,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Attention of each query tile to its listed KV blocks (Pallas GPU kernels).
+
+  Args and returns as `reference.sparse_attention`: q [batch, T, q_heads, head_dim],
+  k and v [batch, T, kv_heads, head_dim] with T a multiple of `block_size`,
+  block_ids int32 [batch, kv_heads, T // query_tile, slots] (-1 = empty slot; a tile's
+  blocks distinct and including its own block); returns out in q's dtype and the
+  log-sum-exp, float32 [batch, q_heads, T]. Differentiable in q, k and v.
+  `interpret=True` runs the kernels in the Pallas interpreter (CPU tests).
+  """
+  _check(q, k, v, block_ids, block_size, query_tile)
+  block_sizes = block_sizes or BlockSizes.get_default()
+  ids = index.compact_block_lists(
+    jax.lax.stop_gradient(block_ids), block_size=block_size, query_tile=query_tile
+  )
+  return _sparse_attention(
+    q, k, v, ids, block_size, query_tile, float(scale), block_sizes, interpret
+  )

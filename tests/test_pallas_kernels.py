@@ -1,0 +1,184 @@
+"""Pallas GPU kernels (selector scoring, sparse attention forward and backward) against
+their plain-JAX references.
+
+`PallasKernelsTest` runs the kernels compiled and needs a GPU (skipped, visibly,
+elsewhere); `PallasKernelsInterpretTest` runs the same tests in the Pallas interpreter
+on any backend, which is how CI checks them. Shapes are tiny so the interpreter stays
+cheap on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.selector import pallas_gpu as selector_pallas
+from pallas_kernels.selector import reference as selector_reference
+from pallas_kernels.sparse_attention import index
+from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
+from pallas_kernels.sparse_attention import reference as attention_reference
+
+# Relative error ||x - ref|| / ||ref|| allowed, by dtype (bf16 operands, f32 accumulation).
+RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+RTOL_GPU_F32 = 2e-3  # compiled: exp2 and reassociated sums, still IEEE matmuls
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _random_block_ids(rng, b, hkv, num_tiles, slots, block_size, query_tile, num_blocks):
+  """Each tile: its own block, distinct random other blocks (some after the tile, which
+  must contribute nothing), -1 slots; shuffled (the kernel may not rely on order)."""
+  ids = np.full((b, hkv, num_tiles, slots), -1, np.int32)
+  for bi in range(b):
+    for hi in range(hkv):
+      for t in range(num_tiles):
+        own = t * query_tile // block_size
+        others = [j for j in range(num_blocks) if j != own]
+        n = rng.integers(0, min(slots - 1, len(others)) + 1)
+        row = [own, *rng.choice(others, size=n, replace=False)] if n else [own]
+        row = np.array(row + [-1] * (slots - len(row)), np.int32)
+        ids[bi, hi, t] = rng.permutation(row)
+  return jnp.asarray(ids)
+
+
+def _compile(fn, *args):
+  """jit + compile; on CPU with XLA's backend optimisations off (the interpreted kernels
+  compile 3x faster and run in milliseconds either way)."""
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+  return jax.jit(fn).lower(*args).compile(options)
+
+
+def _pad_seq(x, multiple, fill):
+  pad = -x.shape[1] % multiple
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=fill) if pad else x
+
+
+ATTENTION_CASES = [
+  # (seq_len, q_heads, kv_heads, head_dim, block_size, query_tile, dtype, block_m)
+  pytest.param(100, 2, 2, 64, 32, 16, jnp.float32, 64, id="gqa1-d64-f32-padded"),
+  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, id="gqa4-d128-bf16"),
+  pytest.param(60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, id="gqa8-d64-bf16-padded-split"),
+]
+
+
+class PallasKernelsTest:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _backend(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret-mode class runs here")
+
+  def _rtol(self, dtype):
+    if dtype == jnp.float32 and not self.INTERPRET:
+      return RTOL_GPU_F32
+    return RTOL[dtype]
+
+  @pytest.mark.parametrize("t, hq, hkv, d, bs, qt, dtype, block_m", ATTENTION_CASES)
+  def test_sparse_attention(self, t, hq, hkv, d, bs, qt, dtype, block_m):
+    rng = np.random.default_rng([t, hq, hkv, d])
+    b = 2 if hkv == 1 else 1
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), dtype)
+    # Padded as ssa_attention pads: T up to a multiple of the block. Large values in the
+    # padding would show if a real query ever saw a padded key.
+    qp, kp, vp = (_pad_seq(x, bs, 30.0) for x in (q, k, v))
+    tp = qp.shape[1]
+    slots = 4
+    ids = _random_block_ids(rng, b, hkv, tp // qt, slots, bs, qt, tp // bs)
+    sizes = attention_pallas.BlockSizes(block_m=block_m, block_m_dq=block_m, block_m_dkv=block_m)
+    kw = dict(block_size=bs, query_tile=qt, scale=d**-0.5)
+    w_out = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((b, hq, t)), jnp.float32)
+
+    def run(attention):
+      def loss(q, k, v):
+        qp, kp, vp = (_pad_seq(x, bs, 30.0) for x in (q, k, v))
+        out, lse = attention(qp, kp, vp)
+        out, lse = out[:, :t], lse[..., :t]
+        value = jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse)
+        return value, (out, lse)
+
+      grad_fn = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+      grads, (out, lse) = _compile(grad_fn, q, k, v)(q, k, v)
+      return out, lse, grads
+
+    with jax.numpy_rank_promotion("raise"):  # the kernels' code; the reference allows it
+      out, lse, grads = run(
+        lambda q, k, v: attention_pallas.sparse_attention_pallas(
+          q, k, v, ids, block_sizes=sizes, interpret=self.INTERPRET, **kw
+        )
+      )
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_out, ref_lse, ref_grads = run(
+      lambda q, k, v: attention_reference.sparse_attention(f32(q), f32(k), f32(v), ids, **kw)
+    )
+    assert out.dtype == dtype and out.shape == (b, t, hq, d)
+    assert lse.dtype == jnp.float32 and lse.shape == (b, hq, t)
+    for name, x in (("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]),
+                    ("dv", grads[2])):  # fmt: skip
+      assert bool(jnp.all(jnp.isfinite(x))), f"{name} has non-finite (unwritten?) elements"
+    rtol = self._rtol(dtype)
+    assert _rel_err(out, ref_out) < rtol
+    np.testing.assert_allclose(lse, ref_lse, atol=max(rtol, 1e-5) * 10)
+    for name, x, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+      assert x.dtype == dtype
+      assert _rel_err(x, ref) < 2 * rtol, name
+
+  def test_transposed_index(self):
+    rng = np.random.default_rng(7)
+    b, hkv, num_tiles, slots, bs, qt = 1, 2, 8, 3, 8, 4
+    ids = _random_block_ids(rng, b, hkv, num_tiles, slots, bs, qt, num_tiles * qt // bs)
+    with jax.numpy_rank_promotion("raise"):
+      compact = index.compact_block_lists(ids, block_size=bs, query_tile=qt)
+    assert compact.shape[-1] == 4  # padded to a power of two
+    num_blocks = num_tiles * qt // bs
+    with jax.numpy_rank_promotion("raise"):
+      tiles_sorted, meta = index.transpose_block_lists(
+        compact, num_blocks=num_blocks, block_size=bs, query_tile=qt
+      )
+    ids, tiles_sorted, meta = np.asarray(ids), np.asarray(tiles_sorted), np.asarray(meta)
+    for bi in range(b):
+      for hi in range(hkv):
+        for j in range(num_blocks):
+          start, diag_end, end, _ = meta[bi, hi, j].tolist()
+          want = [t for t in range(num_tiles) if j in ids[bi, hi, t] and j <= t * qt // bs]
+          assert tiles_sorted[bi, hi, start:end].tolist() == want
+          assert diag_end - start == sum(t * qt // bs == j for t in want)
+
+  @pytest.mark.parametrize(
+    "r, d, c, dtype",
+    [(12, 40, 10, jnp.float32), (64, 128, 20, jnp.bfloat16), (256, 32, 33, jnp.float32)],
+  )
+  def test_score_candidates(self, r, d, c, dtype):
+    rng = np.random.default_rng([r, d, c])
+    b, h, num_tiles, nodes = 1, 2, 3, 40
+    rows = jnp.asarray(rng.standard_normal((b, h, num_tiles, r, d)), dtype)
+    table = jnp.asarray(rng.standard_normal((b, h, nodes, d)), dtype)
+    candidates = jnp.asarray(rng.integers(-1, nodes, (b, h, num_tiles, c)), jnp.int32)
+    with jax.numpy_rank_promotion("raise"):
+      score = lambda *a: selector_pallas.score_candidates_pallas(*a, interpret=self.INTERPRET)
+      scores = _compile(score, rows, table, candidates)(rows, table, candidates)
+    ref = selector_reference.score_candidates(rows, table, candidates)
+    empty = np.asarray(candidates < 0)
+    assert scores.shape == ref.shape and scores.dtype == jnp.float32
+    assert np.all(np.isneginf(np.asarray(scores)[empty]))
+    assert np.all(np.isfinite(np.asarray(scores)[~empty]))
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+      np.asarray(scores)[~empty], np.asarray(ref)[~empty], rtol=tol, atol=tol * np.sqrt(d)
+    )
+
+
+class TestPallasKernelsCompiled(PallasKernelsTest):
+  INTERPRET = False
+
+
+class TestPallasKernelsInterpret(PallasKernelsTest):
+  INTERPRET = True
