@@ -132,7 +132,7 @@ def select_blocks(
 
     return ssa_reference.select_blocks(routing_q, routing_k, config)
   rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
-  return _select(rq, rk, config, _ops(implementation)[0])
+  return _select(rq, rk, config, _ops(implementation)[0], routing_q.shape[1])
 
 
 # ----------------------------------------------------------------------------- checks
@@ -224,7 +224,7 @@ def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
   qp, kp, vp = (_pad_seq(x, bs) for x in (q, k, v))
   rq = qp if routing_q is None else _pad_seq(routing_q, bs)
   rk = kp if routing_k is None else _pad_seq(routing_k, bs)
-  selected = _select(rq, rk, config, score_fn)
+  selected = _select(rq, rk, config, score_fn, t)
   block_ids = _slot_list(selected, config)
   out, _ = attention_fn(qp, kp, vp, block_ids, block_size=bs, query_tile=config.tile, scale=scale)
   return out[:, :t], AttentionInfo(selected, _block_pairs(block_ids, config, t))
@@ -236,8 +236,11 @@ def _tile_prefix(num_tiles: int, config: SSAConfig) -> tuple[jax.Array, jax.Arra
   return j0, jnp.maximum(j0 - config.local_blocks, 0)
 
 
-def _select(rq, rk, config: SSAConfig, score_fn) -> jax.Array:
-  """Chosen blocks [b, kv_heads, num_tiles, top_k] from padded routing q and k."""
+def _select(rq, rk, config: SSAConfig, score_fn, seq_len: int) -> jax.Array:
+  """Chosen blocks [b, kv_heads, num_tiles, top_k] from padded routing q and k.
+
+  Tiles made only of padding (first position >= seq_len) choose nothing.
+  """
   rq, rk = jax.lax.stop_gradient(rq), jax.lax.stop_gradient(rk)
   b, tp, hkv, _ = rk.shape
   num_tiles = tp // config.tile
@@ -252,7 +255,8 @@ def _select(rq, rk, config: SSAConfig, score_fn) -> jax.Array:
     rows = _routing_rows(rq, hkv, config)
     tables = _tree(rk, config)
     chosen = _beam_descent(rows, tables, prefix, config, score_fn)
-  return _sorted_ids(chosen, config.top_k)
+  real = (jnp.arange(num_tiles) * config.tile < seq_len)[:, None]
+  return _sorted_ids(jnp.where(real, chosen, -1), config.top_k)
 
 
 def _routing_rows(rq, hkv: int, config: SSAConfig) -> jax.Array:

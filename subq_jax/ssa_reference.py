@@ -81,7 +81,8 @@ def select_blocks(routing_q, routing_k, config: SSAConfig):
   num_blocks = _num_blocks(t, bs)
   num_tiles = num_blocks * bs // q_tile
   tile_start = jnp.arange(num_tiles) * q_tile
-  prefix = jnp.maximum(tile_start // bs - config.local_blocks, 0)  # routable blocks
+  # Routable blocks; a tile made only of padding routes to none.
+  prefix = jnp.where(tile_start < t, jnp.maximum(tile_start // bs - config.local_blocks, 0), 0)
   rq = jax.lax.stop_gradient(routing_q).astype(jnp.float32)
   rk = jax.lax.stop_gradient(routing_k).astype(jnp.float32)
   pos = jnp.arange(t)

@@ -1,0 +1,316 @@
+"""ssa_attention: the blockwise `xla` path against the brute-force reference, and the
+invariants of DESIGN.md §1, on fresh random inputs."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from subq_jax import ssa_reference
+from subq_jax.ssa import SSAConfig, select_blocks, ssa_attention
+
+# Outputs: both paths compute in float32 from the same inputs; bf16 differs by the final
+# rounding of the output (one bf16 ulp, 2**-8 relative).
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SMALL = dict(block_size=16, query_tile=8, top_k=3, fanout=4, beam=2, sink_blocks=1, local_blocks=1)
+
+
+def _qkv(seed, b, t, hq, hkv, d, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, (b, t, hkv, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, (b, t, hkv, d), jnp.float32).astype(dtype)
+  return q, k, v
+
+
+def _indexer_inputs(seed, b, t, config):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return dict(
+    routing_q=jax.random.normal(k1, (b, t, config.indexer_heads, config.indexer_dim)),
+    routing_k=jax.random.normal(k2, (b, t, 1, config.indexer_dim)),
+    indexer_weights=jax.random.normal(k3, (b, t, config.indexer_heads)),
+  )
+
+
+def _run(q, k, v, config, implementation, **kw):
+  fn = jax.jit(ssa_attention, static_argnames=("config", "implementation", "return_info", "scale"))
+  return fn(q, k, v, config, implementation=implementation, return_info=True, **kw)
+
+
+# Every GQA ratio, head_dim and dtype appears with each of the others' values at least once.
+@pytest.mark.parametrize(
+  "group, head_dim, dtype, summary",
+  [
+    (1, 64, jnp.float32, "mean"),
+    (1, 128, jnp.bfloat16, "bounds"),
+    (4, 64, jnp.float32, "bounds"),
+    (4, 128, jnp.bfloat16, "mean"),
+    (8, 64, jnp.bfloat16, "mean"),
+    (8, 128, jnp.float32, "bounds"),
+  ],
+)
+def test_ssa_xla_matches_reference(group, head_dim, dtype, summary):
+  config = SSAConfig(summary=summary, **SMALL)
+  t = 173  # not a multiple of the block
+  q, k, v = _qkv(group * head_dim, 1, t, 2 * group, 2, head_dim, dtype)
+  out, info = _run(q, k, v, config, "xla")
+  ref, ref_info = _run(q, k, v, config, "reference")
+  chex.assert_shape(out, q.shape)
+  assert out.dtype == dtype
+  chex.assert_shape(info.selected_blocks, (1, 2, 176 // 8, config.top_k))
+  np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **TOL[dtype])
+  np.testing.assert_array_equal(info.pairs_attended, ref_info.pairs_attended)
+  # The configuration really is sparse: not every causal pair is attended.
+  assert float(info.pairs_attended.max()) < t * (t + 1) / 2
+
+
+@pytest.mark.parametrize(
+  "kind, dtype",
+  [
+    ("block_topk", jnp.float32),
+    ("block_topk", jnp.bfloat16),
+    ("sliding", jnp.float32),
+    ("indexer", jnp.float32),
+    ("indexer", jnp.bfloat16),
+    ("dense", jnp.float32),
+  ],
+)
+def test_baselines_xla_match_reference(kind, dtype):
+  config = SSAConfig(kind=kind, indexer_heads=2, indexer_dim=8, **SMALL)
+  t = 150
+  q, k, v = _qkv(7, 2, t, 4, 2, 32, dtype)
+  kw = _indexer_inputs(8, 2, t, config) if kind == "indexer" else {}
+  out, info = _run(q, k, v, config, "xla", **kw)
+  ref, ref_info = _run(q, k, v, config, "reference", **kw)
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **TOL[dtype])
+  np.testing.assert_array_equal(info.pairs_attended, ref_info.pairs_attended)
+  if kind in ("block_topk", "sliding"):
+    np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
+  if kind != "dense":
+    assert float(info.pairs_attended.max()) < t * (t + 1) / 2
+
+
+@pytest.mark.parametrize("kind", ["ssa", "block_topk", "sliding", "indexer", "dense"])
+def test_gradients_match_reference(kind):
+  config = SSAConfig(kind=kind, summary="bounds", indexer_heads=2, indexer_dim=8, **SMALL)
+  t = 90
+  q, k, v = _qkv(11, 1, t, 4, 1, 32)
+  kw = _indexer_inputs(12, 1, t, config) if kind == "indexer" else {}
+  cotangent = jax.random.normal(jax.random.PRNGKey(13), q.shape)
+
+  def loss(q, k, v, implementation):
+    out = ssa_attention(q, k, v, config, implementation=implementation, **kw)
+    return jnp.sum(out * cotangent)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, "xla")
+  ref = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, "reference")
+  chex.assert_tree_all_finite(grads)
+  chex.assert_trees_all_close(grads, ref, atol=5e-5, rtol=5e-5)
+  assert float(jnp.abs(grads[1]).max()) > 0  # keys do receive gradient
+
+
+@pytest.mark.parametrize("summary", ["mean", "bounds"])
+@pytest.mark.parametrize("query_tile", [16, 4])
+def test_full_budget_equals_dense(summary, query_tile):
+  t = 200
+  num_blocks = -(-t // 16)
+  config = SSAConfig(
+    block_size=16, query_tile=query_tile, top_k=num_blocks, fanout=3, beam=1, summary=summary
+  )
+  q, k, v = _qkv(21, 1, t, 4, 2, 32)
+  for implementation in ("xla", "reference"):
+    out, info = _run(q, k, v, config, implementation)
+    dense, dense_info = _run(q, k, v, SSAConfig(kind="dense"), "reference")
+    chex.assert_trees_all_close(out, dense, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(info.pairs_attended, dense_info.pairs_attended)
+
+
+@pytest.mark.parametrize(
+  "kind, summary",
+  [("ssa", "mean"), ("ssa", "bounds"), ("block_topk", "bounds"), ("indexer", "mean")],
+)
+def test_causal_outputs_never_see_later_tokens(kind, summary):
+  config = SSAConfig(kind=kind, summary=summary, indexer_heads=2, indexer_dim=8, **SMALL)
+  t, cut = 220, 131  # cut falls inside a query tile and a block
+  q, k, v = _qkv(31, 1, t, 4, 2, 32)
+  q2, k2, v2 = _qkv(32, 1, t, 4, 2, 32)
+  kw = _indexer_inputs(33, 1, t, config) if kind == "indexer" else {}
+  kw2 = _indexer_inputs(34, 1, t, config) if kind == "indexer" else {}
+  changed = lambda a, b: jnp.concatenate([a[:, :cut], b[:, cut:]], axis=1)
+  out, _ = _run(q, k, v, config, "xla", **kw)
+  kw_changed = {name: changed(kw[name], kw2[name]) for name in kw}
+  out2, _ = _run(changed(q, q2), changed(k, k2), changed(v, v2), config, "xla", **kw_changed)
+  chex.assert_trees_all_close(out[:, :cut], out2[:, :cut], atol=1e-6, rtol=1e-6)
+  assert not np.allclose(out[:, cut:], out2[:, cut:])
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    dict(summary="mean"),
+    dict(summary="bounds"),
+    dict(summary="mean", fanout=2, beam=1, top_k=2),
+    dict(summary="bounds", fanout=3, beam=3, top_k=5, sink_blocks=0, local_blocks=2),
+    dict(summary="mean", query_tile=2, sink_blocks=2, local_blocks=0),
+  ],
+)
+def test_selection_equals_brute_force_descent(overrides):
+  config = SSAConfig(**{**SMALL, "block_size": 8, **overrides})
+  t = 8 * 61 + 3  # 62 blocks: three or more tree levels for every fanout here
+  q, k, _ = _qkv(41, 2, t, 4, 2, 16)
+  got = jax.jit(select_blocks, static_argnames="config")(q, k, config)
+  want = jax.jit(ssa_reference.select_blocks, static_argnames="config")(q, k, config)
+  np.testing.assert_array_equal(got, want)
+  assert config.num_levels(62) >= 3
+  filled = np.asarray(got[..., -1] >= 0).mean()  # later tiles fill every slot
+  assert filled > 0.5
+
+
+def test_keys_per_query_do_not_grow_with_seq_len():
+  config = SSAConfig(block_size=16, top_k=4, fanout=4, beam=2)
+  t = 1024
+  q, k, v = _qkv(51, 1, 2 * t, 2, 1, 32)
+  _, info_t = _run(q[:, :t], k[:, :t], v[:, :t], config, "xla")
+  _, info_2t = _run(q, k, v, config, "xla")
+  # Selection is causal, so the first T queries attend exactly as before; each of the
+  # T later ones fills every slot: (slots - 1) full blocks and its own block causally.
+  added = float(info_2t.pairs_attended[0, 0] - info_t.pairs_attended[0, 0])
+  bs = config.block_size
+  assert added == t * (config.slots - 1) * bs + (t // bs) * bs * (bs + 1) // 2
+  assert float(info_t.pairs_attended[0, 0]) <= t * config.keys_per_query
+
+
+@pytest.mark.parametrize(
+  "summary, depth", [("mean", 0.05), ("mean", 0.6), ("bounds", 0.1), ("bounds", 0.7)]
+)
+def test_needle_far_back_is_selected(summary, depth):
+  """A block of keys aligned with what the last tile looks for, planted far back in a
+  16K-token sequence of isotropic random keys, is chosen by that tile."""
+  t, d, bs = 16384, 64, 64
+  config = SSAConfig(block_size=bs, top_k=4, fanout=16, beam=4, summary=summary)
+  key = jax.random.PRNGKey(int(depth * 100) + (summary == "bounds"))
+  kq, kk, ku, kn = jax.random.split(key, 4)
+  direction = jax.random.normal(ku, (d,))
+  direction /= jnp.linalg.norm(direction)
+  needle = int(depth * (t // bs))
+  k = jax.random.normal(kk, (1, t, 1, d))
+  k = k.at[:, needle * bs : (needle + 1) * bs].add(8.0 * direction[None, None, None])
+  q = jax.random.normal(kq, (1, t, 2, d))
+  looking = direction + 0.1 * jax.random.normal(kn, (2 * bs, 2, d))
+  q = q.at[:, -2 * bs :].set(looking[None])  # the last tile's routing window
+  selected = jax.jit(select_blocks, static_argnames="config")(q, k, config)
+  assert needle in np.asarray(selected[0, 0, -1]).tolist()
+  assert needle < t // bs - 1 - config.local_blocks  # found by routing, not the local window
+
+
+def test_xla_memory_is_linear_in_seq_len():
+  """The largest intermediate of the xla path grows like T, never like T^2 or (T/B)^2."""
+  config = SSAConfig(block_size=16, top_k=4, fanout=4, beam=2)
+
+  def largest(t):
+    q = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+    k = v = jax.ShapeDtypeStruct((1, t, 1, 32), jnp.float32)
+    loss = lambda q, k, v: ssa_attention(q, k, v, config, implementation="xla").sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    return max(_sizes(jaxpr.jaxpr))
+
+  small, big = largest(2048), largest(8192)
+  assert big <= 4.5 * small, (small, big)
+
+
+def _sizes(jaxpr):
+  """Element counts of every value a jaxpr computes, nested jaxprs (scan, remat) included."""
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      yield int(np.prod(getattr(var.aval, "shape", ())))
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns"):
+          yield from _sizes(inner)
+
+
+def test_xla_runs_at_64k_tokens():
+  config = SSAConfig(block_size=64, top_k=4, fanout=16, beam=2)
+  t = 65536
+  q, k, v = _qkv(61, 1, t, 2, 1, 32)
+  out, info = _run(q, k, v, config, "xla")
+  chex.assert_shape(out, q.shape)
+  chex.assert_tree_all_finite(out)
+  assert float(info.pairs_attended[0, 0]) <= t * config.keys_per_query
+
+
+def test_jit_and_defaults():
+  q, k, v = _qkv(71, 1, 100, 4, 4, 16, jnp.bfloat16)
+  out = jax.jit(ssa_attention, static_argnames="config")(q, k, v, SSAConfig(block_size=16))
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+  chex.assert_tree_all_finite(out)
+
+
+def test_route_without_rope_uses_routing_inputs():
+  config = SSAConfig(route_with_rope=False, **SMALL)
+  q, k, v = _qkv(81, 1, 160, 2, 1, 16)
+  rq, rk, _ = _qkv(82, 1, 160, 2, 1, 8)
+  _, info = _run(q, k, v, config, "xla", routing_q=rq, routing_k=rk)
+  _, ref = _run(q, k, v, config, "reference", routing_q=rq, routing_k=rk)
+  np.testing.assert_array_equal(info.selected_blocks, ref.selected_blocks)
+  want = select_blocks(rq, rk, SSAConfig(**SMALL))
+  np.testing.assert_array_equal(info.selected_blocks, want)
+  assert not np.array_equal(want, select_blocks(q, k, SSAConfig(**SMALL)))
+
+
+def _bad(**changes):
+  q, k, v = _qkv(91, 1, 64, 4, 2, 16)
+  args = dict(q=q, k=k, v=v, config=SSAConfig(**SMALL))
+  args.update(changes)
+  return args
+
+
+@pytest.mark.parametrize(
+  "args, match",
+  [
+    (_bad(k=jnp.ones((1, 64, 3, 16)), v=jnp.ones((1, 64, 3, 16))), "q_heads=4 .* kv_heads=3"),
+    (_bad(k=jnp.ones((1, 64, 2, 8)), v=jnp.ones((1, 64, 2, 8))), "head_dim differs"),
+    (_bad(v=jnp.ones((1, 64, 2, 8))), r"k.shape=.* v.shape="),
+    (_bad(q=jnp.ones((2, 64, 4, 16))), "batch differs"),
+    (_bad(q=jnp.ones((1, 60, 4, 16))), "seq differs"),
+    (_bad(q=jnp.ones((64, 4, 16))), "rank 4"),
+    (_bad(q=jnp.ones((1, 64, 4, 16), jnp.int32)), "floating point.*int32"),
+    (_bad(config="ssa"), "SSAConfig"),
+    (_bad(implementation="cuda"), "implementation='cuda'"),
+    (_bad(routing_q=jnp.ones((1, 64, 4, 8))), "together"),
+    (
+      _bad(routing_q=jnp.ones((1, 64, 4, 8)), routing_k=jnp.ones((1, 64, 2, 8))),
+      "route_with_rope=False",
+    ),
+    (_bad(config=SSAConfig(route_with_rope=False)), "position-free"),
+    (_bad(config=SSAConfig(kind="indexer")), "kind='indexer' needs routing_q"),
+    (_bad(indexer_weights=jnp.ones((1, 64, 4))), "indexer_weights is for"),
+  ],
+)
+def test_bad_input_names_the_values(args, match):
+  with pytest.raises(ValueError, match=match):
+    ssa_attention(**args)
+
+
+@pytest.mark.parametrize(
+  "fields, match",
+  [
+    (dict(top_k=0), "top_k=0"),
+    (dict(block_size=48), "block_size=48 must be a power of two"),
+    (dict(block_size=16, query_tile=32), "query_tile=32 must divide block_size=16"),
+    (dict(block_size=16, query_tile=6), "query_tile=6"),
+    (dict(kind="moba"), "kind='moba'"),
+    (dict(summary="max"), "summary='max'"),
+    (dict(fanout=1), "fanout=1"),
+    (dict(beam=0), "beam=0"),
+    (dict(sink_blocks=-1), "sink_blocks=-1"),
+  ],
+)
+def test_bad_config_names_the_values(fields, match):
+  with pytest.raises(ValueError, match=match):
+    SSAConfig(**fields)
