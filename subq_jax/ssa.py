@@ -29,6 +29,7 @@ Selection runs under stop_gradient; attention is differentiable in q, k and v.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -132,7 +133,8 @@ def select_blocks(
 
     return ssa_reference.select_blocks(routing_q, routing_k, config)
   rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
-  return _select(rq, rk, config, _ops(implementation)[0], routing_q.shape[1])
+  score_fn = _ops(implementation, routing_q.dtype)[0]
+  return _select(rq, rk, config, score_fn, routing_q.shape[1])
 
 
 # ----------------------------------------------------------------------------- checks
@@ -205,11 +207,20 @@ def _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implem
 # ------------------------------------------------------------------------ block kinds
 
 
-def _ops(implementation: str):
-  """(score_candidates, sparse_attention) of an implementation."""
-  if implementation == "pallas":
-    raise ValueError("implementation='pallas' is not available yet: use 'xla' or 'reference'")
-  return selector_reference.score_candidates, attention_reference.sparse_attention
+def _ops(implementation: str, dtype=jnp.float32):
+  """(score_candidates, sparse_attention) of an implementation for inputs of `dtype`."""
+  if implementation != "pallas":
+    return selector_reference.score_candidates, attention_reference.sparse_attention
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"implementation='pallas' has GPU kernels only; backend is {backend!r}")
+  from pallas_kernels.selector.pallas_gpu import score_candidates_pallas
+  from pallas_kernels.sparse_attention.pallas_gpu import sparse_attention_pallas
+
+  interpret = backend == "cpu"  # the Pallas interpreter: how CI runs the kernels
+  # Selector matmuls in the inputs' precision: bf16 inputs score on the tensor cores.
+  score = functools.partial(score_candidates_pallas, compute_dtype=dtype, interpret=interpret)
+  return score, functools.partial(sparse_attention_pallas, interpret=interpret)
 
 
 def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
@@ -218,12 +229,12 @@ def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
 
 
 def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
-  score_fn, attention_fn = _ops(implementation)
   t = q.shape[1]
   bs = config.block_size
   qp, kp, vp = (_pad_seq(x, bs) for x in (q, k, v))
   rq = qp if routing_q is None else _pad_seq(routing_q, bs)
   rk = kp if routing_k is None else _pad_seq(routing_k, bs)
+  score_fn, attention_fn = _ops(implementation, rq.dtype)
   selected = _select(rq, rk, config, score_fn, t)
   block_ids = _slot_list(selected, config)
   out, _ = attention_fn(qp, kp, vp, block_ids, block_size=bs, query_tile=config.tile, scale=scale)

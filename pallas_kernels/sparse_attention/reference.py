@@ -37,8 +37,8 @@ def sparse_attention(
     q: queries [batch, T, q_heads, head_dim]; T a multiple of `block_size`.
     k, v: keys and values [batch, T, kv_heads, head_dim].
     block_ids: int32 [batch, kv_heads, T // query_tile, slots]: the blocks
-      each tile attends to, -1 for an empty slot. A tile's blocks must be distinct
-      and include the block holding the tile, so that every query sees a key.
+      each tile attends to, -1 for an empty slot. A tile's blocks must be distinct.
+      A query that sees no key gets out = 0 and lse = -inf.
     block_size: keys per block (B).
     query_tile: queries per tile (Q); divides B.
     scale: softmax scale.
@@ -87,11 +87,15 @@ def sparse_attention(
       k_pos[:, :, None, :, :] <= q_pos[None, None, :, None, None]
     )
     logits = jnp.where(visible, logits, -jnp.inf)
-    m = jnp.max(logits, axis=(-2, -1))  # finite: every row sees its own position
-    p = jnp.exp(logits - m[..., None, None])
+    # A row that sees no key (possible for a partial block list, e.g. one shard's share
+    # of a tile's blocks) gives out = 0 and lse = -inf, so partial results merge by lse.
+    m = jnp.max(logits, axis=(-2, -1))
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    p = jnp.exp(logits - m_safe[..., None, None])
     l_sum = jnp.sum(p, axis=(-2, -1))
     o = jnp.einsum("bkrsn,bksnd->bkrd", p, v_t, precision=HIGHEST)
-    return o / l_sum[..., None], m + jnp.log(l_sum)
+    l_safe = jnp.where(l_sum > 0, l_sum, 1.0)
+    return o / l_safe[..., None], jnp.where(l_sum > 0, m_safe + jnp.log(l_safe), -jnp.inf)
 
   if tiles_per_chunk is None:
     per_tile = b * hq * query_tile * slots * block_size
