@@ -36,15 +36,19 @@ class BlockSizes:
     return cls()
 
 
-def _score_kernel(cand_ref, rows_ref, table_ref, out_ref, *, block_rows):
+def _score_kernel(cand_ref, rows_ref, table_ref, out_ref, *, block_rows, compute_dtype):
   cand = cand_ref[...]
-  summaries = table_ref[jnp.maximum(cand, 0), :]  # gather: [C, D]
+  summaries = table_ref[jnp.maximum(cand, 0), :].astype(compute_dtype)  # gather: [C, D]
   num_rows = rows_ref.shape[0]
   best = jnp.full(cand.shape, -jnp.inf, jnp.float32)
   for r in range(0, num_rows, block_rows):
-    rows = rows_ref[pl.ds(r, block_rows), :]
+    rows = rows_ref[pl.ds(r, block_rows), :].astype(compute_dtype)
     scores = jax.lax.dot_general(
-      rows, summaries, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+      rows,
+      summaries,
+      (((1,), (1,)), ((), ())),
+      precision=jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None,
+      preferred_element_type=jnp.float32,
     )
     best = jnp.maximum(best, jnp.max(scores, axis=0))
   out_ref[...] = jnp.where(cand >= 0, best, -jnp.inf)
@@ -63,6 +67,7 @@ def score_candidates_pallas(
   table: jax.Array,
   candidates: jax.Array,
   *,
+  compute_dtype: jnp.dtype | None = None,
   block_sizes: BlockSizes | None = None,
   interpret: bool = False,
 ) -> jax.Array:
@@ -72,6 +77,9 @@ def score_candidates_pallas(
     rows: [batch, kv_heads, tiles, R, D] routing rows of every tile.
     table: [batch, kv_heads, nodes, D] summaries of one tree level.
     candidates: int32 [batch, kv_heads, tiles, C] node ids, -1 for an empty slot.
+    compute_dtype: operand dtype of the in-kernel matmul (accumulation is f32); None
+      keeps the rows' dtype (float32 rows: exact IEEE products on CUDA cores, slow;
+      bfloat16 runs on the tensor cores). Rows and table are read in their own dtype.
     block_sizes: kernel tiling; `BlockSizes.get_default()` when None.
     interpret: run in the Pallas interpreter (CPU tests).
 
@@ -100,7 +108,9 @@ def score_candidates_pallas(
   table = _pad_to(table, 3, d_pad)
   candidates = _pad_to(candidates.astype(jnp.int32), 3, c_pad, constant_values=-1)
   scores = pl.pallas_call(
-    functools.partial(_score_kernel, block_rows=block_rows),
+    functools.partial(
+      _score_kernel, block_rows=block_rows, compute_dtype=compute_dtype or rows.dtype
+    ),
     grid=(b, h, num_tiles),
     in_specs=[
       pl.BlockSpec((None, None, None, c_pad), lambda bi, hi, i: (bi, hi, i, 0)),

@@ -74,7 +74,10 @@ def _queries_per_program(block_m: int, g: int, query_tile: int) -> int:
 def _dot(a, b, trans_b=False):
   """a @ b (a @ b.T with trans_b) with f32 accumulation; lowers to tl.dot."""
   dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  # float32 operands: IEEE products (Triton would otherwise pick tf32 on some versions).
+  exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+  precision = jax.lax.Precision.HIGHEST if exact else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _mask(s, q_pos, k_pos):
@@ -267,8 +270,6 @@ def _backward(
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
-  slots = ids.shape[-1]
-  num_blocks = t // block_size
   q5 = q.reshape(b, t, hkv, g, d)
   do5 = do.reshape(b, t, hkv, g, d)
   # d lse / d logits = p, so an lse cotangent folds into delta.
@@ -276,7 +277,18 @@ def _backward(
   delta = delta - dlse.transpose(0, 2, 1)
   delta = delta.reshape(b, t, hkv, g)
   lse4 = lse.transpose(0, 2, 1).reshape(b, t, hkv, g)
+  args = (q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret)
+  dq = _backward_dq(*args)
+  dk, dv = _backward_dkv(*args)
+  return dq.reshape(q.shape), dk, dv
 
+
+def _backward_dq(
+  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret
+):
+  """dq, query-centric: [b, T, kv_heads, G, d]."""
+  b, t, hkv, g, d = q5.shape
+  slots = ids.shape[-1]
   qm = _queries_per_program(block_sizes.block_m_dq, g, query_tile)
   per_tile = query_tile // qm
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
@@ -295,14 +307,22 @@ def _backward(
       stat_spec,
     ],
     out_specs=rows_spec,
-    out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+    out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.num_warps_dq, num_stages=block_sizes.num_stages_dq
     ),
     interpret=interpret,
     name="ssa_sparse_attention_dq",
   )(ids, q5, k, v, do5, lse4, delta)
+  return dq
 
+
+def _backward_dkv(
+  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret
+):
+  """dk and dv, key-centric over the transposed (CSR) index: [b, T, kv_heads, d] each."""
+  b, t, hkv, g, d = q5.shape
+  num_blocks = t // block_size
   tiles_sorted, meta = index.transpose_block_lists(
     ids, num_blocks=num_blocks, block_size=block_size, query_tile=query_tile
   )
@@ -334,7 +354,7 @@ def _backward(
     interpret=interpret,
     name="ssa_sparse_attention_dkv",
   )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
-  return dq.reshape(q.shape), dk, dv
+  return dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))

@@ -1,0 +1,98 @@
+r"""Per-kernel timings of the Pallas sparse attention (forward, dq, dk/dv, index) over tilings.
+
+Llama-3-8B heads, bf16, the benchmark budget of 8,192 keys per query on a synthetic
+block list (`subq_jax.benchmark.synthetic_selection`). Prints one line per
+(kernel, tiling); pick the defaults of `pallas_gpu.BlockSizes` from it.
+
+  python -m experiments.tune_sparse_attention --seq_len=1M \
+      --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("seq_len", "1M", "T")
+flags.DEFINE_list("fwd", ["64/4/2", "128/8/2"], "forward tilings: block_m/num_warps/num_stages")
+flags.DEFINE_list("dq", ["64/4/2", "128/8/2"], "dq tilings")
+flags.DEFINE_list("dkv", ["64/4/2", "128/8/2"], "dk/dv tilings")
+flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
+flags.DEFINE_string("out", "", "JSON file for the results")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.bench_attention import parse_tokens
+  from pallas_kernels.sparse_attention import index
+  from pallas_kernels.sparse_attention import pallas_gpu as ap
+  from subq_jax import benchmark, flops
+
+  t = parse_tokens(FLAGS.seq_len)
+  config = flops.benchmark_config("ssa")
+  bs, qt, scale = config.block_size, config.tile, benchmark.HEADS.head_dim**-0.5
+  q, k, v, do = benchmark.make_qkv(t)
+  ids = benchmark.slot_list(benchmark.synthetic_selection(t, config), config)
+  ids = jax.jit(lambda x: index.compact_block_lists(x, block_size=bs, query_tile=qt))(ids)
+  b, _, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  q5, do5 = q.reshape(b, t, hkv, g, d), do.reshape(b, t, hkv, g, d)
+  out, lse = jax.jit(
+    lambda q, k, v, ids: ap._forward(q, k, v, ids, bs, qt, scale, ap.BlockSizes(), False)
+  )(q, k, v, ids)
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1).reshape(b, t, hkv, g)
+  lse4 = lse.transpose(0, 2, 1).reshape(b, t, hkv, g)
+  cost = flops.cost(t, benchmark.HEADS, config)
+  results = []
+
+  def report(kernel, spec, fn, args, n_flops):
+    try:
+      r = benchmark.time_fn(fn, args, repeats=FLAGS.repeats, warmup=1, long_s=5.0)
+      r["tflops"] = n_flops / r["time_s"] / 1e12 if n_flops else None
+      line = f"{kernel:<6} {spec:<10} {r['time_s'] * 1e3:9.2f} ms  " + (
+        f"{r['tflops']:6.1f} TFLOP/s" if n_flops else ""
+      )
+    except Exception as e:  # noqa: BLE001
+      r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+      line = f"{kernel:<6} {spec:<10} {r['error'][:100]}"
+    print(line, flush=True)
+    results.append(dict(kernel=kernel, tiling=spec, seq_len=t, **r))
+
+  def sizes(spec):
+    m, w, s = (int(x) for x in spec.split("/"))
+    return ap.BlockSizes(m, m, m, w, s, w, s, w, s)
+
+  # Forward 2 matmuls, dq 3, dk/dv 4 per (query, key) pair (2 FLOPs each, per d).
+  unit = cost.attention_flops // 2
+  for spec in FLAGS.fwd:
+    s = sizes(spec)
+    fn = lambda q, k, v, ids, s=s: ap._forward(q, k, v, ids, bs, qt, scale, s, False)
+    report("fwd", spec, fn, (q, k, v, ids), 2 * unit)
+  common = (q5, k, v, ids, do5, lse4, delta)
+  for spec in FLAGS.dq:
+    s = sizes(spec)
+    fn = lambda *a, s=s: ap._backward_dq(*a, bs, qt, scale, s, False)
+    report("dq", spec, fn, common, 3 * unit)
+  for spec in FLAGS.dkv:
+    s = sizes(spec)
+    fn = lambda *a, s=s: ap._backward_dkv(*a, bs, qt, scale, s, False)
+    report("dkv", spec, fn, common, 4 * unit)
+  build = lambda ids: index.transpose_block_lists(
+    ids, num_blocks=t // bs, block_size=bs, query_tile=qt
+  )
+  report("index", "csr", build, (ids,), 0)
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
