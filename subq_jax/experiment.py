@@ -28,6 +28,7 @@ class Stage:
   seq_len: int
   steps: int
   rope_scale: float = 1.0  # YaRN scale factor for this stage (1 = plain RoPE)
+  batch_size: int | None = None  # None = train.batch_size (e.g. fewer, longer sequences)
 
   def __post_init__(self):
     if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -36,6 +37,8 @@ class Stage:
       raise ValueError(f"stage steps={self.steps!r} must be an integer >= 1")
     if self.rope_scale < 1.0:
       raise ValueError(f"stage rope_scale={self.rope_scale} must be >= 1")
+    if self.batch_size is not None and self.batch_size < 1:
+      raise ValueError(f"stage batch_size={self.batch_size} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,8 @@ class TrainConfig:
   grad_clip: global-norm clipping (0 = off).
   loss_aggregation: `token` (mean over all target tokens) or `sample` (mean over
     documents of each document's mean: long and short documents weigh the same).
+  answer_weight: loss weight of the synthetic tasks' answer tokens relative to the other
+    tokens (1 = plain language modelling).
   stages: the context-extension schedule.
   checkpoint_every, keep_checkpoints: orbax CheckpointManager cadence and retention.
   log_every: progress line / metrics cadence.
@@ -65,6 +70,7 @@ class TrainConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0
   loss_aggregation: str = "token"
+  answer_weight: float = 1.0
   stages: tuple[Stage, ...] = (Stage(512, 1000),)
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
@@ -83,6 +89,8 @@ class TrainConfig:
     for name in ("batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+    if self.answer_weight < 0:
+      raise ValueError(f"train.answer_weight={self.answer_weight} must be >= 0")
     if self.lr <= 0:
       raise ValueError(f"train.lr={self.lr} must be > 0")
     if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
@@ -211,3 +219,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key with its dataclass default: config files start here and override."""
+
+  def plain(obj):
+    d = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  data = plain(DataConfig())
+  data["mixture"] = dict(DataConfig().mixture)
+  train = plain(TrainConfig())
+  return ml_collections.ConfigDict(
+    {"model": plain(ModelConfig()), "data": data, "train": train, "eval": plain(EvalConfig())}
+  )

@@ -159,7 +159,7 @@ def yarn_mscale(scale: float) -> float:
 
 def apply_rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotates the two halves of the head dimension (Llama / NeoX convention)."""
-  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, D/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
@@ -187,7 +187,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...]).astype(self.dtype)
+    scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(self.dtype)
 
 
 def _dense(din, dout, cfg: ModelConfig, rngs, std=None):

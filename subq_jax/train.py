@@ -68,17 +68,29 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def lm_loss(
-  logits_BxTxV, tokens_BxT1, *, aggregation: str, sep_id: int, pad_id: int, answer_mask=None
+  logits_BxTxV,
+  tokens_BxT1,
+  *,
+  aggregation: str,
+  sep_id: int,
+  pad_id: int,
+  answer_mask=None,
+  answer_weight: float = 1.0,
 ):
   """Next-token loss and metrics.
 
   `token`: mean NLL over all target tokens. `sample`: each document (a run of tokens up
   to and including a separator) gets its own mean NLL, and documents are averaged.
+  `answer_weight` multiplies the weight of the synthetic tasks' answer tokens (1 = plain
+  language modelling).
   """
   inputs, targets = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
   logp = jax.nn.log_softmax(logits_BxTxV)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  weight = (targets != pad_id).astype(jnp.float32)
+  valid = (targets != pad_id).astype(jnp.float32)
+  weight = valid
+  if answer_mask is not None and answer_weight != 1.0:
+    weight = valid * (1.0 + (answer_weight - 1.0) * answer_mask[:, 1:].astype(jnp.float32))
   if aggregation == "token":
     loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
   else:
@@ -92,7 +104,7 @@ def lm_loss(
     loss = jnp.sum(jnp.where(present, doc_nll / jnp.maximum(doc_cnt, 1.0), 0.0)) / jnp.maximum(
       jnp.sum(present), 1
     )
-  metrics = {"loss": loss, "token_nll": jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)}
+  metrics = {"loss": loss, "token_nll": jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
   if answer_mask is not None:
     am = answer_mask[:, 1:].astype(jnp.float32)
     correct = (jnp.argmax(logits_BxTxV, -1) == targets).astype(jnp.float32)
@@ -113,11 +125,12 @@ def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: in
       sep_id=sep_id,
       pad_id=pad_id,
       answer_mask=batch["answer_mask"],
+      answer_weight=cfg.train.answer_weight,
     )
 
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     # Per-parameter finiteness, so a NaN report can name where it started.
     metrics["grads_finite"] = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -129,7 +142,8 @@ def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: in
 
 def check_finite(step: int, metrics: dict):
   """Raises NonFiniteLossError naming the step and the non-finite values."""
-  bad = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not np.isfinite(v)}
+  scalars = {k: v for k, v in metrics.items() if k != "grads_finite"}
+  bad = {k: float(v) for k, v in scalars.items() if not np.isfinite(v)}
   if not bad:
     return
   grads = metrics.get("grads_finite")
@@ -157,6 +171,11 @@ def check_schedule(cfg: ExperimentConfig):
   tok = cfg.data.make_tokenizer()
   stream = np.arange(1000, dtype=np.int32) % 200  # stands in for the corpus
   for i, s in enumerate(cfg.train.stages):
+    if i and s.seq_len < cfg.train.stages[i - 1].seq_len:
+      raise ValueError(
+        f"train.stages[{i}].seq_len={s.seq_len} is shorter than the stage before "
+        f"({cfg.train.stages[i - 1].seq_len}): stages extend the context"
+      )
     for source, weight in cfg.data.mixture:
       if weight > 0:
         try:
@@ -165,11 +184,12 @@ def check_schedule(cfg: ExperimentConfig):
           raise ValueError(
             f"train.stages[{i}] (seq_len={s.seq_len}) cannot hold {source}: {e}"
           ) from e
-  if cfg.train.batch_size % jax.device_count():
-    raise ValueError(
-      f"train.batch_size={cfg.train.batch_size} is not a multiple of the "
-      f"{jax.device_count()} devices"
-    )
+    batch = s.batch_size or cfg.train.batch_size
+    if batch % jax.device_count():
+      raise ValueError(
+        f"train.stages[{i}] batch size {batch} is not a multiple of the "
+        f"{jax.device_count()} devices"
+      )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -296,7 +316,8 @@ def train(
       model_cfg = stage_model_config(cfg, stage)
       graphdef = nnx.graphdef(nnx.eval_shape(lambda c=model_cfg: Transformer(c, rngs=nnx.Rngs(0))))
       train_step = make_train_step(graphdef, tx, cfg, tok.sep_id, tok.pad_id)
-      it = iter(make_dataset(cfg.data, seq_len=s.seq_len, batch_size=tc.batch_size, stage=stage))
+      batch_size = s.batch_size or tc.batch_size
+      it = iter(make_dataset(cfg.data, seq_len=s.seq_len, batch_size=batch_size, stage=stage))
       if data_state is not None and data_state["stage"] == stage:
         it.set_state(data_state["iterator"])
       data_state = None
@@ -314,7 +335,7 @@ def train(
         pending = (step, metrics)
         steps_since_log += 1
         steps_run += 1
-        tokens_since_log += tc.batch_size * s.seq_len
+        tokens_since_log += batch_size * s.seq_len
         if step % tc.log_every == 0 or step == stage_end:
           _record(pending, losses)
           m = jax.device_get(pending[1])
@@ -322,7 +343,7 @@ def train(
           now = time.time()
           tps = tokens_since_log / max(now - t_log, 1e-9)
           sec_per_step = (now - t_run) / max(steps_run, 1)
-          scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0} | {
+          scalars = {k: float(v) for k, v in m.items() if k != "grads_finite"} | {
             "tokens_per_s": tps,
             "seq_len": s.seq_len,
             "stage": stage,
@@ -373,3 +394,32 @@ def _lr(tc: TrainConfig, step: int) -> float:
   return tc.lr * (
     tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
   )
+
+
+def train_and_evaluate(config, workdir: str, log=print) -> dict:
+  """The main job: resolve and print the config, train, evaluate retrieval, plot."""
+  from subq_jax import evaluate
+  from subq_jax.experiment import resolve
+
+  cfg = resolve(config)
+  log("resolved config:\n" + cfg.to_json())
+  result = train(cfg, workdir, log=log)
+  log(f"training: {result.steps_run} steps in {_fmt_time(result.wall_s)}")
+  train_len = cfg.train.stages[-1].seq_len
+  t0 = time.time()
+  out = {"train_wall_s": result.wall_s}
+  if cfg.eval.num_samples and cfg.eval.tasks:
+    res = evaluate.retrieval_eval(result.params, result.model_config, cfg, train_len, log=log)
+    evaluate.save_results(res, workdir, train_len)
+    table = evaluate.format_table(res, train_len)
+    log(f"retrieval (teacher-forced exact match), kind={cfg.model.attention.kind}:\n{table}")
+    evaluate.plot_accuracy(
+      res, train_len, os.path.join(workdir, "accuracy_by_length.png"), cfg.model.attention.kind
+    )
+    out["eval"] = res
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):
+    evaluate.plot_loss(metrics, os.path.join(workdir, "loss.png"))
+  out["eval_wall_s"] = time.time() - t0
+  log(f"evaluation: {_fmt_time(out['eval_wall_s'])}; plots and eval.json in {workdir}")
+  return out

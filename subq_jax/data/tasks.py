@@ -52,6 +52,11 @@ class MQARConfig:
       raise ValueError(
         f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
       )
+    if self.num_pairs > 26**self.key_len:
+      raise ValueError(
+        f"mqar.num_pairs={self.num_pairs} distinct keys do not exist with "
+        f"mqar.key_len={self.key_len} lowercase letters"
+      )
 
 
 @dataclasses.dataclass

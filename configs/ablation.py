@@ -1,0 +1,42 @@
+"""The ablation grid: one model size and token budget, one attention mechanism per run.
+
+  python -m experiments.train --config=configs/ablation.py:kind=ssa --workdir=runs/abl_ssa
+  ... kind=dense | sliding | block_topk | indexer, or mix=4 (SSA with every 4th layer dense)
+
+Only `model.attention.kind` (and that kind's own knobs) changes between runs. Every sparse
+kind attends to the same (sink + top_k + local + 1) * block_size = 448 keys per query
+(`SSAConfig.keys_per_query`), 11% of a dense row at the 4K training length. Sized for one
+GPU (about 6.5M parameters, 16 x 4096 tokens a step, 131M tokens in all); `smoke` shrinks
+it for tests.
+"""
+
+from subq_jax.experiment import default_config, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, kind="ssa", mix=0, smoke=False)
+  c = default_config()
+  m = c.model
+  m.update(num_layers=6, d_model=256, num_heads=8, num_kv_heads=2, mlp_dim=768, remat="none")
+  m.attention.update(
+    kind=arg.kind, block_size=64, top_k=4, fanout=8, beam=4, sink_blocks=1, local_blocks=1
+  )
+  if arg.kind == "indexer":
+    m.attention.update(indexer_heads=4, indexer_dim=32)
+  if arg.mix:
+    m.attention_pattern = [arg.kind] * (arg.mix - 1) + ["dense"]
+  c.data.mixture = {"code": 0.5, "niah": 0.25, "mqar": 0.25}
+  c.data.niah.update(num_needles=8, num_queries=4, uuid_chars=36)
+  c.data.mqar.update(num_pairs=64, num_queries=32)
+  c.train.update(batch_size=16, lr=1e-3, warmup_steps=200, checkpoint_every=500, log_every=50)
+  c.train.stages = [dict(seq_len=4096, steps=2000, rope_scale=1.0)]
+  c.eval.update(multipliers=[1, 4, 16], num_samples=32)
+  if arg.smoke:
+    m.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64, dtype="float32")
+    m.attention.update(block_size=8, top_k=2, fanout=2, beam=1)
+    c.data.niah.update(num_needles=1, num_queries=1, uuid_chars=8)
+    c.data.mqar.update(num_pairs=2, num_queries=1)
+    c.train.update(batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1)
+    c.train.stages = [dict(seq_len=128, steps=1, rope_scale=1.0)]
+    c.eval.update(multipliers=[1], num_samples=0)
+  return c

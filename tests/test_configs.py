@@ -1,0 +1,65 @@
+"""Every configs/*.py builds, resolves, and trains one step in its smallest variant."""
+
+import dataclasses
+import glob
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from subq_jax import train as train_lib
+from subq_jax.experiment import parse_arg, resolve
+
+CONFIGS = sorted(
+  p
+  for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+  if not p.endswith("__init__.py")
+)
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_there_are_configs():
+  names = {os.path.basename(p) for p in CONFIGS}
+  assert {"quickstart.py", "ablation.py", "gpu.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_full_config_resolves(path):
+  cfg = resolve(_load(path).get_config())
+  assert cfg.train.total_steps > 0
+  train_lib.check_schedule(cfg)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sliding", "block_topk", "indexer"])
+def test_ablation_differs_only_in_attention(kind):
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  base, other = resolve(module.get_config("kind=ssa")), resolve(module.get_config(f"kind={kind}"))
+  assert other.model.attention.kind == kind
+  assert other.train == base.train and other.data == base.data
+
+  assert dataclasses.replace(other.model, attention=base.model.attention) == base.model
+  if kind != "dense":
+    assert other.model.attention.keys_per_query == base.model.attention.keys_per_query
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_one_step_smoke(path, tmp_path):
+  cfg = resolve(_load(path).get_config("smoke"))
+  result = train_lib.train(cfg, str(tmp_path), stop_after=1, log=lambda *_: None)
+  assert list(result.losses) == [1] and np.isfinite(result.losses[1])
+
+
+def test_variants_are_checked():
+  with pytest.raises(ValueError, match="unknown config variant 'knd'"):
+    parse_arg("knd=dense", kind="ssa")
+  assert parse_arg("kind=dense,smoke", kind="ssa", smoke=False).to_dict() == {
+    "kind": "dense",
+    "smoke": True,
+  }

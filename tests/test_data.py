@@ -1,0 +1,122 @@
+"""Data: tokenizer, corpus split, task generators, packing, determinism of the pipeline."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from subq_jax.data import corpus, tasks
+from subq_jax.data.pipeline import DataConfig, make_dataset, make_sample
+from subq_jax.data.tokenizer import ByteTokenizer, get_tokenizer
+
+# A small corpus (this package's own source) keeps the tests fast.
+ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "subq_jax")
+CFG = DataConfig(
+  corpus_root=ROOT,
+  val_fraction=0.3,
+  niah=tasks.NIAHConfig(num_needles=3, num_queries=2, uuid_chars=36),
+  mqar=tasks.MQARConfig(num_pairs=6, num_queries=3),
+)
+TOK = ByteTokenizer()
+
+
+def test_byte_tokenizer_roundtrip():
+  text = "def f(x):\n  return x  # ünïcode"
+  ids = TOK.encode(text)
+  assert ids.dtype == np.int32 and ids.max() < 256
+  assert TOK.decode(ids) == text
+  assert TOK.decode([TOK.sep_id, *TOK.encode("a")]) == "a"
+  assert TOK.vocab_size == 258
+
+
+def test_other_tokenizers_need_a_file():
+  with pytest.raises(ValueError, match="tokenizer_path"):
+    get_tokenizer("sentencepiece")
+  with pytest.raises(ValueError, match="not one of"):
+    get_tokenizer("wordpiece", "x")
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+  docs = corpus.load_documents(ROOT)
+  assert all(text.startswith("# ===== file: ") for _, text in docs)
+  train = {n for n, _ in docs if corpus.split_of(n, 0.3) == "train"}
+  val = {n for n, _ in docs if corpus.split_of(n, 0.3) == "validation"}
+  assert train and val and not train & val
+  assert corpus.split_of("json#0", 0.05) == corpus.split_of("json#0", 0.05)
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  assert np.sum(stream == TOK.sep_id) == len(train)  # one separator per document
+
+
+def test_stdlib_corpus_found():
+  root = corpus.stdlib_root()
+  assert os.path.exists(os.path.join(root, "json", "__init__.py"))
+
+
+def test_niah_answers_are_the_needle_values():
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  rng = np.random.default_rng(7)
+  s = tasks.niah(rng, TOK, stream, 1000, CFG.niah)
+  assert s.tokens.shape == (1000,) and s.answer_mask.shape == (1000,)
+  text = TOK.decode(s.tokens)
+  spans = np.flatnonzero(np.diff(np.concatenate([[0], s.answer_mask.astype(int), [0]])))
+  assert len(spans) == 2 * CFG.niah.num_queries
+  for a, b in zip(spans[::2], spans[1::2], strict=True):
+    value = TOK.decode(s.tokens[a:b])
+    assert len(value) == 36
+    assert text.count(f"holds {value}\n") == 1  # the needle carrying this value
+    key = text[text.index(f"holds {value}") - 37 : text.index(f"holds {value}") - 1]
+    assert f"recall {key} -> {value}" in text
+
+
+def test_mqar_answers_match_pairs():
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  s = tasks.mqar(np.random.default_rng(3), TOK, stream, 400, CFG.mqar)
+  assert s.tokens.shape == (400,)
+  assert np.sum(s.tokens == TOK.sep_id) >= 2  # packed between separators
+  text = TOK.decode(s.tokens)
+  doc = text[text.index("mqar ") :]
+  pairs, queries = doc.split(" |", 1)
+  table = dict(p.split(":") for p in pairs[len("mqar ") :].split(" "))
+  asked = [q.split(":") for q in queries.split(" ")[1 : 1 + CFG.mqar.num_queries]]
+  assert len(asked) == CFG.mqar.num_queries
+  assert all(table[k] == v[: CFG.mqar.value_len] for k, v in asked)
+  assert s.answer_mask.sum() == CFG.mqar.num_queries * CFG.mqar.value_len
+
+
+def test_task_too_long_names_the_task():
+  with pytest.raises(ValueError, match="niah"):
+    make_sample(CFG, TOK, np.arange(100, dtype=np.int32), 50, np.random.default_rng(0), "niah")
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_pipeline_deterministic_packed_and_resumable():
+  kw = dict(seq_len=96, batch_size=3)
+  a = _take(iter(make_dataset(CFG, **kw)), 4)
+  b = _take(iter(make_dataset(CFG, **kw)), 4)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    np.testing.assert_array_equal(x["answer_mask"], y["answer_mask"])
+  assert a[0]["tokens"].shape == (3, 97) and a[0]["tokens"].dtype == np.int32
+  assert not np.array_equal(a[0]["tokens"], a[1]["tokens"])
+  # Another seed or stage gives other data.
+  other = next(iter(make_dataset(dataclasses.replace(CFG, seed=1), **kw)))
+  assert not np.array_equal(other["tokens"], a[0]["tokens"])
+  # The iterator state resumes exactly.
+  it = iter(make_dataset(CFG, **kw))
+  _take(it, 2)
+  state = it.get_state()
+  resumed = iter(make_dataset(CFG, **kw))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["tokens"], a[2]["tokens"])
+
+
+def test_mixture_weights():
+  cfg = dataclasses.replace(CFG, mixture={"code": 0.0, "niah": 1.0, "mqar": 0.0})
+  batch = next(iter(make_dataset(cfg, seq_len=256, batch_size=4)))
+  assert (batch["source"] == 1).all() and batch["answer_mask"].any(axis=1).all()
+  with pytest.raises(ValueError, match="mixture"):
+    dataclasses.replace(CFG, mixture={"code": 1.0, "ruler": 1.0})

@@ -1,0 +1,189 @@
+"""Training loop: exact resume, NaN guard, config errors, checkpoint safety."""
+
+import dataclasses
+import json
+import os
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from subq_jax import train as train_lib
+from subq_jax.config import SSAConfig
+from subq_jax.data import tasks
+from subq_jax.data.pipeline import DataConfig
+from subq_jax.experiment import (
+  EvalConfig,
+  ExperimentConfig,
+  Stage,
+  TrainConfig,
+  default_config,
+  resolve,
+)
+from subq_jax.model import ModelConfig
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "subq_jax")
+
+
+def _cfg(steps=4, **train_kw):
+  model = ModelConfig(
+    num_layers=1,
+    d_model=32,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=64,
+    dtype="float32",
+    attention=SSAConfig(kind="ssa", block_size=8, top_k=1, fanout=2, beam=1),
+  )
+  data = DataConfig(
+    corpus_root=ROOT,
+    val_fraction=0.3,
+    niah=tasks.NIAHConfig(num_needles=1, num_queries=1, uuid_chars=8),
+    mqar=tasks.MQARConfig(num_pairs=2, num_queries=1),
+  )
+  kw = dict(batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1)
+  kw.update(train_kw)
+  train = TrainConfig(stages=(Stage(64, steps),), **kw)
+  return ExperimentConfig(model, data, train, EvalConfig(num_samples=0))
+
+
+def _quiet(*_):
+  pass
+
+
+def test_exact_resume(tmp_path):
+  """Stopped after 2 steps and resumed == uninterrupted, across a context-extension stage."""
+  cfg = _cfg()
+  cfg = dataclasses.replace(
+    cfg, train=dataclasses.replace(cfg.train, stages=(Stage(64, 3), Stage(96, 2, rope_scale=1.5)))
+  )
+  full = train_lib.train(cfg, str(tmp_path / "full"), log=_quiet)
+  part = train_lib.train(cfg, str(tmp_path / "resumed"), stop_after=2, log=_quiet)
+  assert sorted(part.losses) == [1, 2]
+  rest = train_lib.train(cfg, str(tmp_path / "resumed"), log=_quiet)
+  assert sorted(rest.losses) == [3, 4, 5]
+  resumed = part.losses | rest.losses
+  assert sorted(full.losses) == sorted(resumed)
+  for step, loss in full.losses.items():
+    np.testing.assert_allclose(resumed[step], loss, rtol=0, atol=1e-6)
+  chex.assert_trees_all_close(full.params, rest.params, atol=1e-6)
+  # Metrics of the resumed run continue the same file; config saved beside checkpoints.
+  rows = [json.loads(x) for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert json.load(open(tmp_path / "resumed" / "config.json"))["train"]["batch_size"] == 2
+
+
+def test_nan_guard_names_step(tmp_path, monkeypatch):
+  real = train_lib.lm_loss
+
+  def poisoned(logits, tokens, **kw):
+    loss, metrics = real(logits, tokens, **kw)
+    return loss * jnp.nan, metrics | {"loss": loss * jnp.nan}
+
+  monkeypatch.setattr(train_lib, "lm_loss", poisoned)
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"step 1: non-finite .*loss"):
+    train_lib.train(_cfg(), str(tmp_path), log=_quiet)
+  # Nothing non-finite was saved.
+  assert not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+def test_check_finite_names_parameters():
+  metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)}
+  metrics["grads_finite"] = {"embed": np.bool_(True), "wq": np.bool_(False)}
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"step 7: .*grad_norm.*wq"):
+    train_lib.check_finite(7, metrics)
+
+
+def test_incompatible_checkpoint_dir(tmp_path):
+  train_lib.train(_cfg(steps=2), str(tmp_path), log=_quiet)
+  other = _cfg(steps=2)
+  other = dataclasses.replace(other, model=dataclasses.replace(other.model, d_model=48))
+  with pytest.raises(train_lib.IncompatibleCheckpointError, match="d_model"):
+    train_lib.train(other, str(tmp_path), log=_quiet)
+
+
+def test_partial_checkpoint_is_not_latest(tmp_path):
+  train_lib.train(_cfg(steps=2), str(tmp_path), log=_quiet)
+  ckpt = tmp_path / "checkpoints"
+  # What a crash during orbax's save of step 4 leaves behind: an unfinished temp dir.
+  partial = ckpt / "4.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "junk").write_bytes(b"\0" * 10)
+  mngr = train_lib._checkpoint_manager(str(tmp_path), _cfg().train)
+  assert mngr.latest_step() == 2
+  result = train_lib.train(_cfg(steps=3), str(tmp_path), log=_quiet)
+  assert sorted(result.losses) == [3]
+
+
+def test_interrupt_saves_last_step(tmp_path):
+  calls = []
+
+  def log(msg):
+    calls.append(msg)
+    if msg.startswith("step      1/"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train(_cfg(steps=4, checkpoint_every=3), str(tmp_path), log=log)
+  assert any("saved a checkpoint at step 1" in m for m in calls)
+  assert train_lib._checkpoint_manager(str(tmp_path), _cfg().train).latest_step() == 1
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sample"])
+def test_loss_aggregation(aggregation):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 9, 12)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 10, (2, 10)), jnp.int32).at[0, 3].set(11)
+  loss, _ = train_lib.lm_loss(logits, tokens, aggregation=aggregation, sep_id=11, pad_id=-1)
+  nll = -np.take_along_axis(
+    np.asarray(jax_log_softmax(logits)), np.asarray(tokens[:, 1:, None]), -1
+  )[..., 0]
+  if aggregation == "token":
+    expected = nll.mean()
+  else:  # documents: row 0's first ends predicting the separator (target position 2)
+    expected = np.mean([nll[0, :3].mean(), nll[0, 3:].mean(), nll[1].mean()])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def jax_log_softmax(x):
+  import jax
+
+  return jax.nn.log_softmax(x)
+
+
+@pytest.mark.parametrize(
+  "path,value,match",
+  [
+    ("model.d_modle", 3, "unknown config key model.d_modle"),
+    ("train.loss_aggregation", "mean", "loss_aggregation"),
+    ("model.num_kv_heads", 3, "num_heads=4 must be a multiple"),
+    ("model.attention.kind", "flash", "kind='flash'"),
+    ("data.mixture.ruler", 1.0, "ruler"),
+  ],
+)
+def test_config_errors_name_the_key(path, value, match):
+  c = default_config()
+  c.model.num_heads = 4
+  c.unlock()
+  node = c
+  *parents, leaf = path.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    resolve(c)
+
+
+def test_stage_schedule_errors():
+  cfg = _cfg()
+  with pytest.raises(ValueError, match=r"stages\[0\].*cannot hold niah"):
+    train_lib.check_schedule(
+      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=(Stage(16, 1),)))
+    )
+  with pytest.raises(ValueError, match="stages extend the context"):
+    train_lib.check_schedule(
+      dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, stages=(Stage(128, 1), Stage(64, 1)))
+      )
+    )
