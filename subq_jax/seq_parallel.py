@@ -1,0 +1,448 @@
+"""Sequence parallelism: SSA and ring attention with the sequence sharded over a mesh axis.
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, seq=4))
+    perm = sharding.layout_permutation(seq_len, 4, config.block_size, "striped")
+    out = sharded_attention(q[:, perm], k[:, perm], v[:, perm], config, mesh, layout="striped")
+    # out is in layout order too: out[:, argsort(perm)] is the natural order.
+
+Arrays come in *layout order* (`subq_jax.sharding`): the model permutes its tokens and
+RoPE positions once at the input, so no layer reorders anything. Shard s holds the
+blocks `block_owner_table(...)[s]` of every sequence, ascending.
+
+Block kinds (`ssa`, `block_topk`, `sliding`), per shard under `shard_map`:
+1. Level-1 summaries of the local blocks (T/(P B) rows per KV head) are all-gathered:
+   every shard holds the global level-1 table, O(T/B), and builds the upper levels.
+2. Routing rows: a tile routes with the Q routing queries ending at its first
+   position; the first tile of a block needs the end of the previous block, which may
+   live on another shard. Those tails arrive by `ppermute` (one per distinct owner
+   offset of the layout: one for striped and contiguous, two for zigzag).
+3. Each local tile descends the global tree (causal frontier from its global block).
+4. Ring pass: the local K/V chunk travels P - 1 steps round the ring (`ppermute`,
+   issued before the step's compute so that XLA overlaps them). At each step a tile
+   attends to those of its listed blocks that the held chunk owns, and the partial
+   outputs merge exactly by log-sum-exp. Autodiff transposes each `ppermute` into the
+   reverse ring, which carries dk/dv back to the owners.
+Per device: K/V O(T/P) (own chunk + the one in flight), summaries O(T/B); nothing ever
+gathers the sequence's K/V.
+
+Dense baseline (`dense`): ring attention with the same ring and merge; each step is a
+blockwise (query-chunked, rematerialised) attention of the local queries to the held
+chunk, masked by global positions, so any layout is exact.
+
+Partial attention reuses `sparse_attention` (reference or Pallas), whose causal mask
+compares a tile's position in q with a block's position in k. For the own chunk local
+indices are already right (a shard's blocks keep their global order). For a remote
+chunk every listed block is strictly earlier, so the local queries are shifted right by
+`causal_shift` blocks (computed from the layout: 1 for striped) and the chunk padded at
+its end, which makes every listed remote block fully visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from subq_jax import sharding
+from subq_jax import ssa as ssa_lib
+from subq_jax.config import BLOCK_KINDS, SSAConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+CHUNK_ELEMENTS = 1 << 25  # f32 logits per query chunk of the dense ring step
+
+
+# --------------------------------------------------------------------- public entry
+
+
+def sharded_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  config: SSAConfig,
+  mesh: jax.sharding.Mesh,
+  *,
+  layout: str = "striped",
+  seq_axis: str = "seq",
+  batch_axes: tuple[str, ...] = ("data", "fsdp"),
+  routing_q: jax.Array | None = None,
+  routing_k: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_selected: bool = False,
+):
+  """Causal attention of `config.kind` with the sequence sharded over `seq_axis`.
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim] in layout order (see module docstring).
+    config: `dense` or a block kind.
+    mesh: a mesh with `seq_axis`; the batch is split over those of `batch_axes` it has.
+    layout: the sequence layout q, k and v are in (`subq_jax.sharding.LAYOUTS`).
+    routing_q, routing_k: position-free routing inputs (`route_with_rope=False`).
+    scale: softmax scale; default 1 / sqrt(head_dim).
+    implementation: `xla` (reference kernels) or `pallas`; None means `xla`.
+    return_selected: also return the chosen blocks (block kinds), int32
+      [batch, kv_heads, tiles, top_k] with tiles in layout order.
+
+  Returns:
+    out [batch, seq, q_heads, head_dim] in layout order (and the chosen blocks).
+  """
+  if config.kind not in (*BLOCK_KINDS, "dense"):
+    raise ValueError(f"sequence parallelism supports {(*BLOCK_KINDS, 'dense')}, not {config.kind}")
+  if config.kind == "dense" and return_selected:
+    raise ValueError("kind='dense' selects no blocks")
+  if (routing_q is None) != (routing_k is None):
+    raise ValueError("pass routing_q and routing_k together, or neither")
+  if config.kind in ("ssa", "block_topk") and routing_q is None and not config.route_with_rope:
+    raise ValueError("route_with_rope=False: pass routing_q and routing_k")
+  ssa_lib._check_qkv(q, k, v)
+  p = mesh.shape[seq_axis]
+  check_seq_len(q.shape[1], p, config.block_size, layout)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  batch = tuple(a for a in batch_axes if a in mesh.axis_names)
+  spec = PartitionSpec(batch or None, seq_axis, None, None)
+  common = dict(axis_name=seq_axis, num_shards=p, layout=layout, scale=scale)
+
+  if config.kind == "dense":
+    body = functools.partial(dense_ring_shard, block_size=config.block_size, **common)
+    fn = sharding.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    return fn(q, k, v)
+
+  routed = routing_q is not None and config.kind != "sliding"
+  body = functools.partial(
+    block_sparse_shard,
+    config=config,
+    implementation=implementation or "xla",
+    return_selected=return_selected,
+    **common,
+  )
+  if routed:
+    wrapped = lambda q, k, v, rq, rk: body(q, k, v, routing_q=rq, routing_k=rk)
+    args, in_specs = (q, k, v, routing_q, routing_k), (spec,) * 5
+  else:
+    wrapped, args, in_specs = body, (q, k, v), (spec,) * 3
+  out_specs = (
+    (spec, PartitionSpec(batch or None, None, seq_axis, None)) if return_selected else spec
+  )
+  return sharding.shard_map(wrapped, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def check_seq_len(seq_len: int, num_shards: int, block_size: int, layout: str):
+  chunks = num_shards * (2 if layout == "zigzag" else 1)
+  if seq_len % (block_size * chunks):
+    raise ValueError(
+      f"{seq_len=} must be a multiple of block_size * {chunks} = {block_size * chunks} "
+      f"(layout={layout!r}, {num_shards} shards): pad the sequence"
+    )
+
+
+# ------------------------------------------------------------ layout-derived tables
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_tables(num_blocks: int, num_shards: int, layout: str):
+  """(owner, local index) of every global block, int32 [num_blocks] each."""
+  table = sharding.block_owner_table(num_blocks, num_shards, layout)
+  owner = np.empty(num_blocks, np.int32)
+  local = np.empty(num_blocks, np.int32)
+  owner[table] = np.arange(num_shards)[:, None]
+  local[table] = np.arange(table.shape[1])[None, :]
+  return owner, local
+
+
+@functools.lru_cache(maxsize=64)
+def causal_shift(num_blocks: int, num_shards: int, layout: str) -> int:
+  """Blocks by which local queries move right so that every earlier remote block is
+  fully visible to `sparse_attention`'s causal mask: the max over shards s != r and
+  local blocks m of s of (c - m + 1), c the last block of r before m's global block."""
+  table = sharding.block_owner_table(num_blocks, num_shards, layout)
+  shift = 0
+  for s in range(num_shards):
+    for r in range(num_shards):
+      if r != s:
+        last_before = np.searchsorted(table[r], table[s]) - 1  # c for every m
+        shift = max(shift, int(np.max(last_before - np.arange(table.shape[1]) + 1)))
+  return shift
+
+
+@functools.lru_cache(maxsize=64)
+def _halo_plan(num_blocks: int, num_shards: int, layout: str):
+  """Where each local block's predecessor tail comes from.
+
+  Returns (shifts, source, local): ring offsets to `ppermute` the tails by, and for
+  every (shard, local block) the index into [tails shifted by each offset..., own first
+  row] and the local block to take there. Global block 0 has no predecessor: its
+  routing window repeats position 0, as on one device.
+  """
+  table = sharding.block_owner_table(num_blocks, num_shards, layout)
+  owner, local = _inverse_tables(num_blocks, num_shards, layout)
+  prev = table - 1
+  shift = (np.arange(num_shards)[:, None] - owner[np.maximum(prev, 0)]) % num_shards
+  shifts = tuple(sorted({int(x) for x in shift[prev >= 0]}))
+  source = np.where(prev >= 0, np.searchsorted(shifts, shift), len(shifts)).astype(np.int32)
+  src_local = np.where(prev >= 0, local[np.maximum(prev, 0)], np.arange(table.shape[1]))
+  return shifts, source, src_local.astype(np.int32)
+
+
+def _ring(p: int, offset: int = 1):
+  return [(i, (i + offset) % p) for i in range(p)]
+
+
+# ---------------------------------------------------------------- block-sparse kinds
+
+
+def block_sparse_shard(
+  q,
+  k,
+  v,
+  *,
+  config: SSAConfig,
+  axis_name: str,
+  num_shards: int,
+  layout: str,
+  scale: float,
+  implementation: str = "xla",
+  routing_q=None,
+  routing_k=None,
+  return_selected: bool = False,
+):
+  """One shard's SSA / block_topk / sliding; call inside `shard_map` over `axis_name`.
+
+  q [b, T/P, q_heads, d], k and v [b, T/P, kv_heads, d]: this shard's blocks (layout
+  order). Returns this shard's output (and its tiles' chosen blocks).
+  """
+  bs, qt = config.block_size, config.tile
+  n_local = q.shape[1] // bs
+  num_blocks = n_local * num_shards
+  table = sharding.block_owner_table(num_blocks, num_shards, layout)
+  me = jax.lax.axis_index(axis_name)
+  block_gid = jnp.asarray(table)[me]  # global id of each local block
+  tile_j0 = jnp.repeat(block_gid, bs // qt)  # global block of each local tile
+  rq = q if routing_q is None else routing_q
+  rk = k if routing_k is None else routing_k
+  score_fn, attention_fn = ssa_lib._ops(implementation, rq.dtype)
+  selected = _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, num_shards, layout)
+  ids = _slot_list(selected, tile_j0, config)
+  out = _ring_block_attention(
+    q, k, v, ids, config, attention_fn, scale, axis_name, num_shards, layout
+  )
+  return (out, selected) if return_selected else out
+
+
+def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout):
+  """Chosen global block ids [b, kv_heads, local tiles, top_k], ascending, -1 empty."""
+  rq, rk = jax.lax.stop_gradient(rq), jax.lax.stop_gradient(rk)
+  b, _, hkv, _ = rk.shape
+  prefix = jnp.maximum(tile_j0 - config.local_blocks, 0)
+  if config.kind == "sliding":
+    ids = prefix[:, None] - config.top_k + jnp.arange(config.top_k)
+    ids = jnp.where(ids >= config.sink_blocks, ids, -1).astype(jnp.int32)
+    chosen = jnp.broadcast_to(ids, (b, hkv, tile_j0.shape[0], config.top_k))
+    return ssa_lib._sorted_ids(chosen, config.top_k)
+  n_local = rk.shape[1] // config.block_size
+  table = sharding.block_owner_table(n_local * p, p, layout)
+  local_level1 = ssa_lib._tree(rk, config)[0]  # [b, hkv, n_local, D]
+  gathered = jax.lax.all_gather(local_level1, axis_name, axis=2, tiled=True)  # (shard, m) order
+  level1 = gathered[:, :, np.argsort(table.reshape(-1))]  # global block order
+  rows = _routing_rows(rq, hkv, config, axis_name, p, layout)
+  if config.kind == "block_topk":
+    chosen = ssa_lib._flat_topk(rows, level1, prefix, config)
+  else:
+    tables = _tree_from_level1(level1, config)
+    chosen = ssa_lib._beam_descent(rows, tables, prefix, config, score_fn)
+  return ssa_lib._sorted_ids(chosen, config.top_k)
+
+
+def _tree_from_level1(level1, config: SSAConfig) -> list[jax.Array]:
+  """Summary tables of levels 1..L built from the global level-1 table.
+
+  Reuses `ssa._tree` by presenting the level-1 rows as keys of tiny blocks: a `mean`
+  row as a block of one key; a `bounds` row [max, min] as a block of two keys, max and
+  min, whose elementwise max and min are the row again. Upper levels are then exactly
+  what one device builds.
+  """
+  b, hkv, n, dim = level1.shape
+  if config.summary == "mean":
+    keys, per_block = level1, 1
+  else:
+    dr = dim // 2
+    keys = jnp.stack([level1[..., :dr], level1[..., dr:]], axis=3).reshape(b, hkv, 2 * n, dr)
+    per_block = 2
+  tiny = dataclasses.replace(config, block_size=per_block, query_tile=None)
+  return ssa_lib._tree(keys.transpose(0, 2, 1, 3), tiny)
+
+
+def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout):
+  """Routing rows of the local tiles, [b, kv_heads, local tiles, Q * G, D].
+
+  Each local block is extended in front by the last Q routing queries of its global
+  predecessor (from whichever shard owns it), and `ssa._routing_rows` routes the
+  extended block; its first tile (all halo) is dropped.
+  """
+  b, tl, hq, dr = rq.shape
+  bs, qt = config.block_size, config.tile
+  n_local = tl // bs
+  shifts, source, src_local = _halo_plan(n_local * p, p, layout)
+  me = jax.lax.axis_index(axis_name)
+  blocks = rq.reshape(b, n_local, bs, hq, dr)
+  tails = blocks[:, :, bs - qt :]
+  options = [tails if s == 0 else jax.lax.ppermute(tails, axis_name, _ring(p, s)) for s in shifts]
+  options.append(jnp.broadcast_to(blocks[:, :, :1], tails.shape))
+  halo = jnp.stack(options)[jnp.asarray(source)[me], :, jnp.asarray(src_local)[me]]
+  extended = jnp.concatenate([halo.transpose(1, 0, 2, 3, 4), blocks], axis=2)
+  rows = ssa_lib._routing_rows(extended.reshape(b * n_local, qt + bs, hq, dr), hkv, config)
+  rows = rows[:, :, 1:].reshape(b, n_local, hkv, bs // qt, *rows.shape[-2:])
+  return rows.transpose(0, 2, 1, 3, 4, 5).reshape(b, hkv, n_local * (bs // qt), *rows.shape[-2:])
+
+
+def _slot_list(selected, tile_j0, config: SSAConfig):
+  """Block lists [b, kv, tiles, slots] of tiles whose global blocks are `tile_j0`:
+  sinks, chosen, local, own; -1 empty (`ssa._slot_list` with explicit tile blocks)."""
+  b, hkv, nt, _ = selected.shape
+  prefix = jnp.maximum(tile_j0 - config.local_blocks, 0)
+  sinks = jnp.arange(config.sink_blocks)
+  sinks = jnp.where(sinks < prefix[:, None], sinks, -1)
+  local = tile_j0[:, None] - config.local_blocks + jnp.arange(config.local_blocks)
+  local = jnp.where(local >= 0, local, -1)
+  after = jnp.concatenate([local, tile_j0[:, None]], axis=-1)
+  return jnp.concatenate(
+    [
+      jnp.broadcast_to(sinks, (b, hkv, nt, config.sink_blocks)),
+      selected,
+      jnp.broadcast_to(after, (b, hkv, nt, config.local_blocks + 1)),
+    ],
+    axis=-1,
+  ).astype(jnp.int32)
+
+
+def _ring_block_attention(q, k, v, ids, config, attention_fn, scale, axis_name, p, layout):
+  """Tiles attend to their listed global blocks as K/V chunks pass round the ring."""
+  bs, qt = config.block_size, config.tile
+  n_local = k.shape[1] // bs
+  num_blocks = n_local * p
+  owner, local = (jnp.asarray(x) for x in _inverse_tables(num_blocks, p, layout))
+  shift = causal_shift(num_blocks, p, layout)
+  me = jax.lax.axis_index(axis_name)
+  safe = jnp.maximum(ids, 0)
+  ids_owner = jnp.where(ids >= 0, owner[safe], -1)
+  ids_local = local[safe]
+  kw = dict(block_size=bs, query_tile=qt, scale=scale)
+  # Local queries moved right by `shift` blocks, for the remote steps.
+  pad_tiles = shift * bs // qt
+  q_shifted = jnp.pad(q, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
+  out = lse = None
+  kv = (k, v)
+  for step in range(p):
+    # Send the held chunk on before computing with it: the transfer overlaps the step.
+    kv_next = jax.lax.ppermute(kv, axis_name, _ring(p)) if step + 1 < p else None
+    src = (me - step) % p
+    ids_step = jnp.where(ids_owner == src, ids_local, -1)
+    if step == 0:
+      o_s, lse_s = attention_fn(q, kv[0], kv[1], ids_step, **kw)
+    else:
+      ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
+      k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
+      o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
+      o_s, lse_s = o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
+    out, lse = merge_partials(out, lse, o_s, lse_s)
+    kv = kv_next
+  return out.astype(q.dtype)
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+  """Exact merge of two partial attentions over disjoint key sets.
+
+  out [b, t, h, d], lse float32 [b, h, t]; a row that saw no key has lse = -inf and
+  contributes nothing. `out_a` None starts the accumulation. Returns (float32 out, lse).
+  """
+  if out_a is None:
+    return out_b.astype(jnp.float32), lse_b
+  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  total = w_a + w_b
+  safe = jnp.where(total > 0, total, 1.0)
+  lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+  w_a, w_b = ((w / safe).transpose(0, 2, 1)[..., None] for w in (w_a, w_b))
+  return out_a * w_a + out_b.astype(jnp.float32) * w_b, lse
+
+
+# -------------------------------------------------------------------- dense ring
+
+
+def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_size):
+  """One shard of ring attention (causal, dense); call inside `shard_map`.
+
+  q [b, T/P, q_heads, d], k and v [b, T/P, kv_heads, d] in layout order; the layout's
+  blocks (`block_size`) give every token's global position for the causal mask.
+  """
+  p = num_shards
+  n_local = q.shape[1] // block_size
+  table = jnp.asarray(sharding.block_owner_table(n_local * p, p, layout))
+  me = jax.lax.axis_index(axis_name)
+
+  def positions(shard):
+    return (table[shard][:, None] * block_size + jnp.arange(block_size)).reshape(-1)
+
+  q_pos = positions(me)
+  out = lse = None
+  kv = (k, v)
+  for step in range(p):
+    kv_next = jax.lax.ppermute(kv, axis_name, _ring(p)) if step + 1 < p else None
+    o_s, lse_s = dense_partial(q, kv[0], kv[1], q_pos, positions((me - step) % p), scale)
+    out, lse = merge_partials(out, lse, o_s, lse_s)
+    kv = kv_next
+  return out.astype(q.dtype)
+
+
+def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):
+  """Attention of q to k, v where k_pos <= q_pos: (out in q's dtype, f32 lse [b, h, t]).
+
+  A chunk of queries at a time under `jax.checkpoint`: memory O(chunk x keys), and the
+  backward pass recomputes a chunk's logits. Matmuls take the inputs' dtype with f32
+  accumulation (f32 inputs at full precision).
+  """
+  b, t, hq, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  if queries_per_chunk is None:
+    queries_per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * hq * tk)))
+  while t % queries_per_chunk:
+    queries_per_chunk -= 1
+  precision = HIGHEST if q.dtype == jnp.float32 else None
+  qc = q.reshape(b, t // queries_per_chunk, queries_per_chunk, hkv, g, d).transpose(
+    1, 0, 2, 3, 4, 5
+  )
+  pc = q_pos.reshape(-1, queries_per_chunk)
+
+  def chunk(args):
+    q_c, pos_c = args  # [b, c, hkv, g, d], [c]
+    s = jnp.einsum(
+      "bckgd,bskd->bkgcs", q_c, k, precision=precision, preferred_element_type=jnp.float32
+    )
+    s = jnp.where(
+      k_pos[None, None, None, None, :] <= pos_c[None, None, None, :, None], s * scale, -jnp.inf
+    )
+    m = jnp.max(s, axis=-1)
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    e = jnp.exp(s - m_safe[..., None])
+    total = e.sum(-1)
+    safe = jnp.where(total > 0, total, 1.0)
+    o = jnp.einsum(
+      "bkgcs,bskd->bckgd",
+      e.astype(v.dtype),
+      v,
+      precision=precision,
+      preferred_element_type=jnp.float32,
+    )
+    o = o / safe.transpose(0, 3, 1, 2)[..., None]
+    return o.astype(q.dtype), jnp.where(total > 0, m_safe + jnp.log(safe), -jnp.inf)
+
+  o_s, lse_s = jax.lax.map(jax.checkpoint(chunk), (qc, pc))
+  out = o_s.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, hq, d)
+  lse = lse_s.transpose(1, 2, 3, 0, 4).reshape(b, hq, t)
+  return out, lse
