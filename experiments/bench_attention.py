@@ -182,7 +182,15 @@ def main(argv):
 
   from subq_jax import benchmark as bench_lib
 
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  partial = os.path.join(FLAGS.out_dir, f"bench_attention_{FLAGS.tag or 'run'}.partial.json")
+
+  def checkpoint(results):  # survives a run cut short
+    with open(partial, "w") as f:
+      json.dump(dict(results, fa2_rows=fa2_rows, torch=torch_info), f)
+
   results = bench_lib.run_jax_rows(
+    on_row=checkpoint,
     seq_lens=seq_lens,
     rows=FLAGS.rows,
     modes=FLAGS.modes,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -29,12 +31,11 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from experiments.bench_attention import parse_tokens
   from pallas_kernels.sparse_attention import index
   from pallas_kernels.sparse_attention import pallas_gpu as ap
   from subq_jax import benchmark, flops
 
-  t = parse_tokens(FLAGS.seq_len)
+  t = benchmark.parse_tokens(FLAGS.seq_len)
   config = flops.benchmark_config("ssa")
   bs, qt, scale = config.block_size, config.tile, benchmark.HEADS.head_dim**-0.5
   q, k, v, do = benchmark.make_qkv(t)
@@ -47,8 +48,13 @@ def main(argv):
   out, lse = jax.jit(
     lambda q, k, v, ids: ap._forward(q, k, v, ids, bs, qt, scale, ap.BlockSizes(), False)
   )(q, k, v, ids)
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1).reshape(b, t, hkv, g)
-  lse4 = lse.transpose(0, 2, 1).reshape(b, t, hkv, g)
+  delta, lse4 = jax.jit(
+    lambda out, do, lse: (
+      jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1).reshape(b, t, hkv, g),
+      lse.transpose(0, 2, 1).reshape(b, t, hkv, g),
+    )
+  )(out, do, lse)
+  del out, lse
   cost = flops.cost(t, benchmark.HEADS, config)
   results = []
 

@@ -25,6 +25,15 @@ HEADS = flops.HeadConfig()  # Llama-3-8B: 32 query heads, 8 KV heads, head_dim 1
 DTYPE = jnp.bfloat16
 
 
+def parse_tokens(s: str) -> int:
+  """'8K' -> 8192, '1M' -> 1048576, '5000' -> 5000."""
+  s = str(s).strip().upper()
+  for unit, size in (("M", 2**20), ("K", 2**10)):
+    if s.endswith(unit):
+      return int(float(s[:-1]) * size)
+  return int(s)
+
+
 def _tokens(t: int) -> str:
   return flops.format_tokens(t)
 
@@ -216,6 +225,7 @@ def run_jax_rows(
   variants=(),
   check=True,
   log=print,
+  on_row: Callable[[dict], None] | None = None,
 ) -> dict:
   """Times every requested JAX row at every T; returns {"rows": [...], ...}."""
   wiring = ensure_pallas_wired()
@@ -273,6 +283,8 @@ def run_jax_rows(
           + (f"{row['time_s'] * 1e3:10.2f} ms" if "time_s" in row else row["error"][:120])
         )
         results["rows"].append(row)
+        if on_row is not None:
+          on_row(results)
     del q, k, v, do, lists
   return results
 

@@ -49,19 +49,45 @@ class BlockSizes:
     num_warps, num_stages: forward launch parameters; *_dq and *_dkv for the backward.
   """
 
-  block_m: int = 128
-  block_m_dq: int = 128
-  block_m_dkv: int = 128
-  num_warps: int = 8
+  block_m: int = 64
+  block_m_dq: int = 64
+  block_m_dkv: int = 64
+  num_warps: int = 4
   num_stages: int = 2
-  num_warps_dq: int = 8
+  num_warps_dq: int = 4
   num_stages_dq: int = 2
-  num_warps_dkv: int = 8
+  num_warps_dkv: int = 4
   num_stages_dkv: int = 2
 
   @classmethod
   def get_default(cls) -> BlockSizes:
+    """Fastest measured on an H100 (jax 0.11.2, Triton 3.6) for Llama-3-8B heads at 1M
+    tokens, 8,192 keys per query (experiments/tune_sparse_attention.py)."""
     return cls()
+
+
+# Pallas Triton switches to 64-bit pointer arithmetic for an operand over 4 GiB; in a
+# kernel's inner loop that costs registers and time (the dk/dv pass at 1M tokens, whose
+# loop reads q and dout). Such passes run one KV head at a time instead.
+_INT32_BYTES = 2**32
+
+
+def _per_kv_head(fn, looped, *arrays_by_head_axis):
+  """fn(*arrays) over all KV heads at once, or head by head when an array that `fn`'s
+  inner loop reads (`looped`: indices into the arrays) is over 4 GiB.
+
+  arrays_by_head_axis: (array, head_axis) pairs; fn returns arrays with the KV head on
+  axis 2 ([b, T, kv_heads, ...]).
+  """
+  arrays = [a for a, _ in arrays_by_head_axis]
+  if all(arrays[i].size * arrays[i].dtype.itemsize <= _INT32_BYTES for i in looped):
+    return fn(*arrays)
+  hkv = arrays[0].shape[arrays_by_head_axis[0][1]]
+  outs = []
+  for h in range(hkv):
+    sliced = [jax.lax.slice_in_dim(a, h, h + 1, axis=ax) for a, ax in arrays_by_head_axis]
+    outs.append(fn(*sliced))
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=2), *outs)
 
 
 def _queries_per_program(block_m: int, g: int, query_tile: int) -> int:
@@ -78,6 +104,11 @@ def _dot(a, b, trans_b=False):
   exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
   precision = jax.lax.Precision.HIGHEST if exact else None
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _safe_lse2(lse):
+  """lse in base 2; a row that saw no key (lse = -inf) gets +inf, so its p = 0."""
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
 
 
 def _mask(s, q_pos, k_pos):
@@ -119,8 +150,11 @@ def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm,
   # Blocks before the tile's own block are fully visible; the own block comes last.
   carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
   acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
-  o_ref[...] = (acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
-  lse_ref[...] = ((m + jnp.log2(l_sum)) / LOG2E).reshape(qm, g)
+  # A tile with no valid block (a partial list, e.g. one shard's share) sees no key:
+  # out = 0 and lse = -inf, so that partial results merge by lse.
+  empty = num_valid == 0
+  o_ref[...] = jnp.where(empty, 0.0, acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_sum)) / LOG2E).reshape(qm, g)
 
 
 def _dq_kernel(
@@ -131,7 +165,7 @@ def _dq_kernel(
   q_first = pl.program_id(2) * qm
   q = q_ref[...].reshape(rows, d)
   do = do_ref[...].reshape(rows, d)
-  lse2 = lse_ref[...].reshape(rows) * LOG2E
+  lse2 = _safe_lse2(lse_ref[...].reshape(rows))
   delta = delta_ref[...].reshape(rows)
   q_pos = (q_first + jnp.arange(rows, dtype=jnp.int32) // g)[:, None]
   k_off = jnp.arange(block_size, dtype=jnp.int32)[None, :]
@@ -190,7 +224,7 @@ def _dkv_kernel(
       q_first = tile * query_tile + c * qm
       q = q_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
       do = do_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
-      lse2 = lse_ref[pl.ds(q_first, qm), :].reshape(rows) * LOG2E
+      lse2 = _safe_lse2(lse_ref[pl.ds(q_first, qm), :].reshape(rows))
       delta = delta_ref[pl.ds(q_first, qm), :].reshape(rows)
       # Transposed logits (keys x rows): dk and dv come out without transposes.
       s_t = _dot(k, q, trans_b=True) * (scale * LOG2E)
@@ -238,9 +272,9 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
   kernel = functools.partial(_fwd_kernel, block_size=block_size, qm=qm, g=g, scale=scale)
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
-  out, lse = pl.pallas_call(
+  call = lambda ids, q5, k, v: pl.pallas_call(
     kernel,
-    grid=(b, hkv, t // qm),
+    grid=(b, k.shape[2], t // qm),
     in_specs=[
       pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
       rows_spec,
@@ -252,8 +286,8 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
       pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0)),
     ],
     out_shape=[
-      jax.ShapeDtypeStruct(q5.shape, q.dtype),
-      jax.ShapeDtypeStruct((b, t, hkv, g), jnp.float32),
+      jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+      jax.ShapeDtypeStruct(q5.shape[:-1], jnp.float32),
     ],
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
@@ -261,6 +295,7 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
     interpret=interpret,
     name="ssa_sparse_attention_fwd",
   )(ids, q5, k, v)
+  out, lse = _per_kv_head(call, (2, 3), (ids, 1), (q5, 2), (k, 2), (v, 2))
   return out.reshape(b, t, hq, d), lse.reshape(b, t, hq).transpose(0, 2, 1)
 
 
@@ -294,9 +329,9 @@ def _backward_dq(
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   stat_spec = pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
-  dq = pl.pallas_call(
+  call = lambda ids, q5, k, v, do5, lse4, delta: pl.pallas_call(
     functools.partial(_dq_kernel, block_size=block_size, qm=qm, g=g, scale=scale),
-    grid=(b, hkv, t // qm),
+    grid=(b, k.shape[2], t // qm),
     in_specs=[
       pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
       rows_spec,
@@ -314,7 +349,8 @@ def _backward_dq(
     interpret=interpret,
     name="ssa_sparse_attention_dq",
   )(ids, q5, k, v, do5, lse4, delta)
-  return dq
+  head_axes = ((ids, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2), (delta, 2))
+  return _per_kv_head(call, (2, 3), *head_axes)
 
 
 def _backward_dkv(
@@ -331,11 +367,11 @@ def _backward_dkv(
   full_rows = pl.BlockSpec((None, t, None, g, d), lambda bi, hi, j: (bi, 0, hi, 0, 0))
   full_stat = pl.BlockSpec((None, t, None, g), lambda bi, hi, j: (bi, 0, hi, 0))
   block_spec = pl.BlockSpec((None, block_size, None, d), lambda bi, hi, j: (bi, j, hi, 0))
-  dk, dv = pl.pallas_call(
+  call = lambda meta, tiles_sorted, q5, k, v, do5, lse4, delta: pl.pallas_call(
     functools.partial(
       _dkv_kernel, block_size=block_size, query_tile=query_tile, qm=qm, g=g, scale=scale
     ),
-    grid=(b, hkv, num_blocks),
+    grid=(b, k.shape[2], num_blocks),
     in_specs=[
       pl.BlockSpec((None, None, None, 4), lambda bi, hi, j: (bi, hi, j, 0)),
       pl.BlockSpec((None, None, entries), lambda bi, hi, j: (bi, hi, 0)),
@@ -354,6 +390,9 @@ def _backward_dkv(
     interpret=interpret,
     name="ssa_sparse_attention_dkv",
   )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
+  head_axes = ((meta, 1), (tiles_sorted, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2),
+               (delta, 2))  # fmt: skip
+  dk, dv = _per_kv_head(call, (2, 5), *head_axes)
   return dk, dv
 
 
@@ -396,8 +435,9 @@ def sparse_attention_pallas(
   Args and returns as `reference.sparse_attention`: q [batch, T, q_heads, head_dim],
   k and v [batch, T, kv_heads, head_dim] with T a multiple of `block_size`,
   block_ids int32 [batch, kv_heads, T // query_tile, slots] (-1 = empty slot; a tile's
-  blocks distinct and including its own block); returns out in q's dtype and the
-  log-sum-exp, float32 [batch, q_heads, T]. Differentiable in q, k and v.
+  blocks distinct); returns out in q's dtype and the log-sum-exp, float32
+  [batch, q_heads, T]; a query that sees no key gets out = 0 and lse = -inf.
+  Differentiable in q, k and v.
   `interpret=True` runs the kernels in the Pallas interpreter (CPU tests).
   """
   _check(q, k, v, block_ids, block_size, query_tile)
