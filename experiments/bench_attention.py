@@ -46,6 +46,7 @@ flags.DEFINE_integer("warmup", 1, "untimed runs after compilation")
 flags.DEFINE_float("long_s", 2.0, "a first sample longer than this is taken alone")
 flags.DEFINE_string("max_dense", "1M", "longest T for dense_cudnn and fa2_torch forward")
 flags.DEFINE_string("max_dense_fwdbwd", "512K", "longest T for dense fwdbwd rows")
+flags.DEFINE_string("max_fa2", "", "longest T for fa2_torch rows (default: as dense)")
 flags.DEFINE_string("max_quadratic", "32K", "longest T for block_topk and indexer (xla paths)")
 flags.DEFINE_list(
   "variants",
@@ -176,7 +177,13 @@ def main(argv):
   # Torch first, in its own process, before JAX takes the GPU memory.
   fa2_rows, torch_info = [], None
   if "fa2_torch" in FLAGS.rows:
-    fa2_rows, torch_info = run_fa2_child(seq_lens, FLAGS.modes, max_dense, max_dense_fwdbwd)
+    cap = parse_tokens(FLAGS.max_fa2) if FLAGS.max_fa2 else None
+    fa2_rows, torch_info = run_fa2_child(
+      seq_lens,
+      FLAGS.modes,
+      min(max_dense, cap or max_dense),
+      min(max_dense_fwdbwd, cap or max_dense),
+    )
 
   import jax
 
