@@ -258,9 +258,10 @@ def test_route_without_rope_uses_routing_inputs():
   _, info = _run(q, k, v, config, "xla", routing_q=rq, routing_k=rk)
   _, ref = _run(q, k, v, config, "reference", routing_q=rq, routing_k=rk)
   np.testing.assert_array_equal(info.selected_blocks, ref.selected_blocks)
-  want = select_blocks(rq, rk, SSAConfig(**SMALL))
+  select = jax.jit(select_blocks, static_argnames="config")
+  want = select(rq, rk, SSAConfig(**SMALL))
   np.testing.assert_array_equal(info.selected_blocks, want)
-  assert not np.array_equal(want, select_blocks(q, k, SSAConfig(**SMALL)))
+  assert not np.array_equal(want, select(q, k, SSAConfig(**SMALL)))
 
 
 def _bad(**changes):
@@ -318,14 +319,16 @@ def test_bad_config_names_the_values(fields, match):
 
 def test_pallas_path_matches_xla():
   """ssa_attention end to end through the Pallas kernels (interpreted on CPU)."""
-  config = SSAConfig(**SMALL)
-  q, k, v = _qkv(101, 1, 100, 4, 2, 32)
+  config = SSAConfig(**{**SMALL, "query_tile": 16, "top_k": 2})
+  q, k, v = _qkv(101, 1, 60, 4, 2, 32)
   out, info = _run(q, k, v, config, "pallas")
   ref, ref_info = _run(q, k, v, config, "xla")
   np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
   chex.assert_trees_all_close(out, ref, atol=2e-5, rtol=2e-5)
-  grad = lambda impl: jax.grad(lambda q: ssa_attention(q, k, v, config, implementation=impl).sum())
-  chex.assert_trees_all_close(grad("pallas")(q), grad("xla")(q), atol=5e-5, rtol=5e-5)
+  assert int((info.selected_blocks >= 0).sum()) > 0  # the routed part is exercised
+  loss = lambda q, k, v, impl: jnp.sum(ssa_attention(q, k, v, config, implementation=impl) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  chex.assert_trees_all_close(grad(q, k, v, "pallas"), grad(q, k, v, "xla"), atol=5e-5, rtol=5e-5)
 
 
 def test_partial_block_list_gives_empty_rows():
@@ -334,6 +337,7 @@ def test_partial_block_list_gives_empty_rows():
 
   q, k, v = _qkv(111, 1, 32, 2, 1, 16)
   ids = jnp.array([[[[-1], [0]]]], jnp.int32)  # tile 0 lists nothing, tile 1 block 0
-  out, lse = sparse_attention(q, k, v, ids, block_size=16, query_tile=16, scale=0.25)
+  fn = jax.jit(sparse_attention, static_argnames=("block_size", "query_tile", "scale"))
+  out, lse = fn(q, k, v, ids, block_size=16, query_tile=16, scale=0.25)
   assert bool(jnp.all(out[:, :16] == 0)) and bool(jnp.all(jnp.isneginf(lse[..., :16])))
   chex.assert_tree_all_finite((out[:, 16:], lse[..., 16:]))
