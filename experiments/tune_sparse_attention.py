@@ -5,7 +5,7 @@ block list (`subq_jax.benchmark.synthetic_selection`). Prints one line per
 (kernel, tiling); pick the defaults of `pallas_gpu.BlockSizes` from it.
 
   python -m experiments.tune_sparse_attention --seq_len=1M \
-      --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2
+      --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2,64/4/2/c256,64/4/2/c256/h
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("seq_len", "1M", "T")
 flags.DEFINE_list("fwd", ["64/4/2", "128/8/2"], "forward tilings: block_m/num_warps/num_stages")
 flags.DEFINE_list("dq", ["64/4/2", "128/8/2"], "dq tilings")
-flags.DEFINE_list("dkv", ["64/4/2", "128/8/2"], "dk/dv tilings")
+flags.DEFINE_list("dkv", ["64/4/2", "64/4/2/c256", "64/4/2/c256/h"], "dk/dv tilings (see `sizes`)")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
@@ -72,8 +72,14 @@ def main(argv):
     results.append(dict(kernel=kernel, tiling=spec, seq_len=t, **r))
 
   def sizes(spec):
-    m, w, s = (int(x) for x in spec.split("/"))
-    return ap.BlockSizes(m, m, m, w, s, w, s, w, s)
+    """block_m/num_warps/num_stages[/c<dkv_chunk>][/h]: h splits passes by KV head when
+    an operand its loop reads is over 4 GiB."""
+    m, w, s, *extra = spec.split("/")
+    m, w, s = int(m), int(w), int(s)
+    chunk = next((int(x[1:]) for x in extra if x.startswith("c")), 0)
+    return ap.BlockSizes(
+      m, m, m, w, s, w, s, w, s, dkv_chunk=chunk, split_heads_over_4gib="h" in extra
+    )
 
   # Forward 2 matmuls, dq 3, dk/dv 4 per (query, key) pair (2 FLOPs each, per d).
   unit = cost.attention_flops // 2

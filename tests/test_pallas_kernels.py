@@ -63,11 +63,16 @@ def _pad_seq(x, multiple, fill):
 
 
 ATTENTION_CASES = [
-  # (seq_len, q_heads, kv_heads, head_dim, block_size, query_tile, dtype, block_m, by_head)
-  # by_head: run the kernels one KV head at a time (as for operands over 4 GiB).
-  pytest.param(100, 2, 2, 64, 32, 16, jnp.float32, 64, True, id="gqa1-d64-f32-padded-byhead"),
-  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, False, id="gqa4-d128-bf16"),
-  pytest.param(60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, False, id="gqa8-d64-bf16-padded-split"),
+  # (seq_len, q_heads, kv_heads, head_dim, block_size, query_tile, dtype, block_m, dkv_chunk,
+  #  by_head); dkv_chunk > 0 splits each block's tiles into chunks with f32 partial sums,
+  # by_head runs the passes one KV head at a time (as for operands over 4 GiB).
+  pytest.param(
+    100, 2, 2, 64, 32, 16, jnp.float32, 64, 2, True, id="gqa1-d64-f32-padded-chunk2-byhead"
+  ),
+  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, 0, False, id="gqa4-d128-bf16"),
+  pytest.param(
+    60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, 1, False, id="gqa8-d64-bf16-padded-split-chunk1"
+  ),
 ]
 
 
@@ -84,8 +89,10 @@ class PallasKernelsTest:
       return RTOL_GPU_F32
     return RTOL[dtype]
 
-  @pytest.mark.parametrize("t, hq, hkv, d, bs, qt, dtype, block_m, by_head", ATTENTION_CASES)
-  def test_sparse_attention(self, t, hq, hkv, d, bs, qt, dtype, block_m, by_head, monkeypatch):
+  @pytest.mark.parametrize("t, hq, hkv, d, bs, qt, dtype, block_m, chunk, by_head", ATTENTION_CASES)
+  def test_sparse_attention(
+    self, t, hq, hkv, d, bs, qt, dtype, block_m, chunk, by_head, monkeypatch
+  ):
     if by_head:
       monkeypatch.setattr(attention_pallas, "_INT32_BYTES", 0)
     rng = np.random.default_rng([t, hq, hkv, d])
@@ -99,7 +106,13 @@ class PallasKernelsTest:
     tp = qp.shape[1]
     slots = 4
     ids = _random_block_ids(rng, b, hkv, tp // qt, slots, bs, qt, tp // bs)
-    sizes = attention_pallas.BlockSizes(block_m=block_m, block_m_dq=block_m, block_m_dkv=block_m)
+    sizes = attention_pallas.BlockSizes(
+      block_m=block_m,
+      block_m_dq=block_m,
+      block_m_dkv=block_m,
+      dkv_chunk=chunk,
+      split_heads_over_4gib=by_head,
+    )
     kw = dict(block_size=bs, query_tile=qt, scale=d**-0.5)
     w_out = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal((b, hq, t)), jnp.float32)
@@ -161,6 +174,22 @@ class PallasKernelsTest:
           want = [t for t in range(num_tiles) if j in ids[bi, hi, t] and j <= t * qt // bs]
           assert tiles_sorted[bi, hi, start:end].tolist() == want
           assert diag_end - start == sum(t * qt // bs == j for t in want)
+    # Chunks of at most 2 entries cover every CSR row exactly, in order.
+    chunks = np.asarray(
+      index.chunk_block_lists(jnp.asarray(meta), entries=tiles_sorted.shape[-1], chunk=2)
+    )
+    for bi in range(b):
+      for hi in range(hkv):
+        for j in range(num_blocks):
+          start, diag_end, end, _ = meta[bi, hi, j].tolist()
+          mine = chunks[bi, hi][chunks[bi, hi, :, 3] == j]
+          assert all(c_end - c_start <= 2 for c_start, _, c_end, _ in mine)
+          covered = [e for c_start, _, c_end, _ in mine for e in range(c_start, c_end)]
+          assert covered == list(range(start, end))
+          masked = [e for c_start, c_diag, _, _ in mine for e in range(c_start, c_diag)]
+          assert masked == list(range(start, diag_end))
+        unused = chunks[bi, hi][chunks[bi, hi, :, 3] == num_blocks]
+        assert np.all(unused[:, :3] == 0)
 
   @pytest.mark.parametrize(
     "r, d, c, dtype",

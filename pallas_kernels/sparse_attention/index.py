@@ -62,7 +62,7 @@ def transpose_block_lists(
     tiles_sorted: int32 [batch, kv_heads, tiles * S]: for block j, the tiles that list
       it are tiles_sorted[start_j:end_j], ascending (entries past the last block's end
       are padding).
-    meta: int32 [batch, kv_heads, num_blocks, 4]: (start_j, diag_end_j, end_j, 0).
+    meta: int32 [batch, kv_heads, num_blocks, 4]: (start_j, diag_end_j, end_j, j).
       Entries [start_j, diag_end_j) are tiles inside block j (they need the causal
       mask); entries [diag_end_j, end_j) are later tiles, which see all of block j.
   """
@@ -81,6 +81,46 @@ def transpose_block_lists(
   counts, diag = counts[..., :num_blocks], diag[..., :num_blocks]
   end = jnp.cumsum(counts, axis=-1, dtype=jnp.int32)
   start = end - counts
-  meta = jnp.stack([start, start + diag, end, jnp.zeros_like(end)], axis=-1)
+  block = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), end.shape)
+  meta = jnp.stack([start, start + diag, end, block], axis=-1)
   del key_sorted
   return tiles_sorted, meta
+
+
+def chunk_block_lists(meta: jax.Array, *, entries: int, chunk: int) -> jax.Array:
+  """Split every CSR row into chunks of at most `chunk` entries (load balance).
+
+  A block listed by many tiles (a sink block is listed by every tile) would otherwise
+  be one program's serial loop, the critical path of the whole pass.
+
+  Args:
+    meta: [batch, kv_heads, num_blocks, 4] from `transpose_block_lists`.
+    entries: length of the CSR entry axis (tiles * slots).
+    chunk: most entries per chunk.
+
+  Returns:
+    int32 [batch, kv_heads, num_chunks, 4]: (start, diag_end, end, block) per chunk,
+    ordered by block; num_chunks = num_blocks + entries // chunk + 1 is a static bound,
+    unused chunks are (0, 0, 0, num_blocks).
+  """
+  b, h, num_blocks, _ = meta.shape
+  start, diag_end, end = meta[..., 0], meta[..., 1], meta[..., 2]
+  per_block = (end - start + chunk - 1) // chunk  # 0 for a block nobody listed
+  first = jnp.cumsum(per_block, axis=-1) - per_block  # first chunk of each block
+  num_chunks = num_blocks + entries // chunk + 1
+  u = jnp.arange(num_chunks, dtype=jnp.int32)
+  # The block of chunk u: the last block whose first chunk is <= u. A block nobody
+  # listed shares its `first` with the next listed block, which is the later one.
+  search = lambda f: jnp.searchsorted(f, u, side="right")
+  block = jax.vmap(jax.vmap(search))(first)
+  block = (block - 1).astype(jnp.int32)
+  total = jnp.sum(per_block, axis=-1, keepdims=True)
+  used = u[None, None, :] < total
+  safe = jnp.clip(block, 0, num_blocks - 1)
+  take = lambda x: jnp.take_along_axis(x, safe, axis=-1)
+  c_start = take(start) + (u[None, None, :] - take(first)) * chunk
+  c_end = jnp.minimum(c_start + chunk, take(end))
+  c_diag = jnp.clip(take(diag_end), c_start, c_end)
+  chunk_meta = jnp.stack([c_start, c_diag, c_end, block], axis=-1)
+  unused = jnp.array([0, 0, 0, num_blocks], jnp.int32)
+  return jnp.where(used[..., None], chunk_meta, unused).astype(jnp.int32)

@@ -47,6 +47,13 @@ class BlockSizes:
     block_m_dq: rows per dq program.
     block_m_dkv: rows per step of a dk/dv program's loop over the tiles of a block.
     num_warps, num_stages: forward launch parameters; *_dq and *_dkv for the backward.
+    dkv_chunk: 0: one dk/dv program per block loops over every tile that listed it;
+      > 0: a block's tiles are split into programs of at most this many tiles whose
+      f32 partial sums are added in XLA (load balance: a sink block is listed by every
+      tile, and its single program is otherwise the critical path).
+    split_heads_over_4gib: run a pass one KV head at a time when an operand its inner
+      loop reads is over 4 GiB (Pallas Triton then uses 64-bit pointers). Worth it
+      only with `dkv_chunk` > 0: per head, one sink program is a larger share.
   """
 
   block_m: int = 64
@@ -58,6 +65,8 @@ class BlockSizes:
   num_stages_dq: int = 2
   num_warps_dkv: int = 4
   num_stages_dkv: int = 2
+  dkv_chunk: int = 0
+  split_heads_over_4gib: bool = False
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -68,11 +77,11 @@ class BlockSizes:
 
 # Pallas Triton switches to 64-bit pointer arithmetic for an operand over 4 GiB; in a
 # kernel's inner loop that costs registers and time (the dk/dv pass at 1M tokens, whose
-# loop reads q and dout). Such passes run one KV head at a time instead.
+# loop reads q and dout). With `split_heads_over_4gib` such passes run head by head.
 _INT32_BYTES = 2**32
 
 
-def _per_kv_head(fn, looped, *arrays_by_head_axis):
+def _per_kv_head(split, fn, looped, *arrays_by_head_axis):
   """fn(*arrays) over all KV heads at once, or head by head when an array that `fn`'s
   inner loop reads (`looped`: indices into the arrays) is over 4 GiB.
 
@@ -80,7 +89,7 @@ def _per_kv_head(fn, looped, *arrays_by_head_axis):
   axis 2 ([b, T, kv_heads, ...]).
   """
   arrays = [a for a, _ in arrays_by_head_axis]
-  if all(arrays[i].size * arrays[i].dtype.itemsize <= _INT32_BYTES for i in looped):
+  if not split or all(arrays[i].size * arrays[i].dtype.itemsize <= _INT32_BYTES for i in looped):
     return fn(*arrays)
   hkv = arrays[0].shape[arrays_by_head_axis[0][1]]
   outs = []
@@ -207,13 +216,26 @@ def _dkv_kernel(
   qm,
   g,
   scale,
+  chunked,
 ):
-  """dk, dv of one KV block: a loop over the tiles that listed it (CSR entries)."""
+  """dk, dv of one KV block, a loop over (a chunk of) the tiles that listed it (CSR).
+
+  meta_ref holds (start, diag_end, end, block). Unchunked, k_ref and v_ref are the
+  block and the outputs are dk and dv; chunked, they are the whole sequence and the
+  outputs are f32 partial sums of the chunk.
+  """
   d = k_ref.shape[-1]
   rows = qm * g
-  k_first = pl.program_id(2) * block_size
-  k = k_ref[...]
-  v = v_ref[...]
+  start, diag_end, end, block = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
+  if chunked:  # unused chunks (block = num_blocks) have no entries; any block will do
+    block = jnp.minimum(block, k_ref.shape[0] // block_size - 1)
+    k_first = pl.multiple_of(block * block_size, block_size)
+    k = k_ref[pl.ds(k_first, block_size), :]
+    v = v_ref[pl.ds(k_first, block_size), :]
+  else:
+    k_first = block * block_size
+    k = k_ref[...]
+    v = v_ref[...]
   k_pos = (k_first + jnp.arange(block_size, dtype=jnp.int32))[:, None]
   row_query = (jnp.arange(rows, dtype=jnp.int32) // g)[None, :]
 
@@ -237,7 +259,6 @@ def _dkv_kernel(
       dk = dk + _dot(ds_t.astype(q.dtype), q)
     return dk, dv
 
-  start, diag_end, end = meta_ref[0], meta_ref[1], meta_ref[2]
   carry = (jnp.zeros((block_size, d), jnp.float32), jnp.zeros((block_size, d), jnp.float32))
   # Tiles inside the block (causal mask) come first in the CSR row, later tiles after.
   carry = jax.lax.fori_loop(start, diag_end, functools.partial(step, masked=True), carry)
@@ -295,7 +316,8 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
     interpret=interpret,
     name="ssa_sparse_attention_fwd",
   )(ids, q5, k, v)
-  out, lse = _per_kv_head(call, (2, 3), (ids, 1), (q5, 2), (k, 2), (v, 2))
+  split = block_sizes.split_heads_over_4gib
+  out, lse = _per_kv_head(split, call, (2, 3), (ids, 1), (q5, 2), (k, 2), (v, 2))
   return out.reshape(b, t, hq, d), lse.reshape(b, t, hq).transpose(0, 2, 1)
 
 
@@ -350,7 +372,7 @@ def _backward_dq(
     name="ssa_sparse_attention_dq",
   )(ids, q5, k, v, do5, lse4, delta)
   head_axes = ((ids, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2), (delta, 2))
-  return _per_kv_head(call, (2, 3), *head_axes)
+  return _per_kv_head(block_sizes.split_heads_over_4gib, call, (2, 3), *head_axes)
 
 
 def _backward_dkv(
@@ -359,41 +381,73 @@ def _backward_dkv(
   """dk and dv, key-centric over the transposed (CSR) index: [b, T, kv_heads, d] each."""
   b, t, hkv, g, d = q5.shape
   num_blocks = t // block_size
+  chunk = block_sizes.dkv_chunk
   tiles_sorted, meta = index.transpose_block_lists(
     ids, num_blocks=num_blocks, block_size=block_size, query_tile=query_tile
   )
   entries = tiles_sorted.shape[-1]
+  if chunk:
+    meta = index.chunk_block_lists(meta, entries=entries, chunk=chunk)
+  num_items = meta.shape[2]
   qm = _queries_per_program(block_sizes.block_m_dkv, g, query_tile)
   full_rows = pl.BlockSpec((None, t, None, g, d), lambda bi, hi, j: (bi, 0, hi, 0, 0))
   full_stat = pl.BlockSpec((None, t, None, g), lambda bi, hi, j: (bi, 0, hi, 0))
-  block_spec = pl.BlockSpec((None, block_size, None, d), lambda bi, hi, j: (bi, j, hi, 0))
-  call = lambda meta, tiles_sorted, q5, k, v, do5, lse4, delta: pl.pallas_call(
-    functools.partial(
-      _dkv_kernel, block_size=block_size, query_tile=query_tile, qm=qm, g=g, scale=scale
-    ),
-    grid=(b, k.shape[2], num_blocks),
-    in_specs=[
-      pl.BlockSpec((None, None, None, 4), lambda bi, hi, j: (bi, hi, j, 0)),
-      pl.BlockSpec((None, None, entries), lambda bi, hi, j: (bi, hi, 0)),
-      full_rows,
-      block_spec,
-      block_spec,
-      full_rows,
-      full_stat,
-      full_stat,
-    ],
-    out_specs=[block_spec, block_spec],
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    compiler_params=plgpu.CompilerParams(
-      num_warps=block_sizes.num_warps_dkv, num_stages=block_sizes.num_stages_dkv
-    ),
-    interpret=interpret,
-    name="ssa_sparse_attention_dkv",
-  )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
+  if chunk:  # k, v read by block id; f32 partial sums per chunk
+    kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, j: (bi, 0, hi, 0))
+    out_spec = pl.BlockSpec((None, None, None, block_size, d), lambda bi, hi, j: (bi, hi, j, 0, 0))
+  else:
+    kv_spec = pl.BlockSpec((None, block_size, None, d), lambda bi, hi, j: (bi, j, hi, 0))
+    out_spec = kv_spec
+
+  def call(meta, tiles_sorted, q5, k, v, do5, lse4, delta):
+    heads = k.shape[2]
+    if chunk:
+      out_shape = jax.ShapeDtypeStruct((b, heads, num_items, block_size, d), jnp.float32)
+    else:
+      out_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    dk, dv = pl.pallas_call(
+      functools.partial(
+        _dkv_kernel,
+        block_size=block_size,
+        query_tile=query_tile,
+        qm=qm,
+        g=g,
+        scale=scale,
+        chunked=bool(chunk),
+      ),
+      grid=(b, heads, num_items),
+      in_specs=[
+        pl.BlockSpec((None, None, None, 4), lambda bi, hi, j: (bi, hi, j, 0)),
+        pl.BlockSpec((None, None, entries), lambda bi, hi, j: (bi, hi, 0)),
+        full_rows,
+        kv_spec,
+        kv_spec,
+        full_rows,
+        full_stat,
+        full_stat,
+      ],
+      out_specs=[out_spec, out_spec],
+      out_shape=[out_shape, out_shape],
+      compiler_params=plgpu.CompilerParams(
+        num_warps=block_sizes.num_warps_dkv, num_stages=block_sizes.num_stages_dkv
+      ),
+      interpret=interpret,
+      name="ssa_sparse_attention_dkv",
+    )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
+    if chunk:  # chunks are ordered by block; unused ones (block = num_blocks) drop out
+      add = lambda x, blk: jax.ops.segment_sum(
+        x, blk, num_segments=num_blocks, indices_are_sorted=True
+      )
+      dk, dv = (jax.vmap(jax.vmap(add))(x, meta[..., 3]) for x in (dk, dv))
+      # [b, heads, blocks, B, d] -> [b, T, heads, d]
+      dk, dv = (
+        x.transpose(0, 2, 3, 1, 4).reshape(b, t, heads, d).astype(k.dtype) for x in (dk, dv)
+      )
+    return dk, dv
+
   head_axes = ((meta, 1), (tiles_sorted, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2),
                (delta, 2))  # fmt: skip
-  dk, dv = _per_kv_head(call, (2, 5), *head_axes)
-  return dk, dv
+  return _per_kv_head(block_sizes.split_heads_over_4gib, call, (2, 5), *head_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
