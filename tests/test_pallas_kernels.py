@@ -214,6 +214,37 @@ class PallasKernelsTest:
       np.asarray(scores)[~empty], np.asarray(ref)[~empty], rtol=tol, atol=tol * np.sqrt(d)
     )
 
+  @pytest.mark.parametrize(
+    "summary, hq, hkv, dtype",
+    [("mean", 8, 2, jnp.float32), ("bounds", 4, 4, jnp.float32), ("bounds", 8, 1, jnp.bfloat16)],
+  )
+  def test_score_candidates_from_queries(self, summary, hq, hkv, dtype):
+    rng = np.random.default_rng([hq, hkv, len(summary)])
+    b, t, d, qt, nodes, c = 1, 64, 32, 16, 12, 20
+    num_tiles, g = t // qt, hq // hkv
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), dtype)
+    dt = 2 * d if summary == "bounds" else d
+    table = jnp.asarray(rng.standard_normal((b, hkv, nodes, dt)), dtype)
+    candidates = jnp.asarray(rng.integers(-1, nodes, (b, hkv, num_tiles, c)), jnp.int32)
+    with jax.numpy_rank_promotion("raise"):
+      score = lambda q, table, cand: selector_pallas.score_candidates_from_queries_pallas(
+        q, table, cand, query_tile=qt, summary=summary, interpret=self.INTERPRET
+      )
+      scores = _compile(score, q, table, candidates)(q, table, candidates)
+    # The rows SSA routes with: positions [i*Q - Q + 1, i*Q], clamped at 0.
+    pos = np.maximum(np.arange(num_tiles)[:, None] * qt - qt + 1 + np.arange(qt), 0)
+    rows = q[:, pos.reshape(-1)].reshape(b, num_tiles, qt, hkv, g, d).astype(jnp.float32)
+    rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(b, hkv, num_tiles, qt * g, d)
+    if summary == "bounds":
+      rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+    ref = selector_reference.score_candidates(rows, table.astype(jnp.float32), candidates)
+    empty = np.asarray(candidates < 0)
+    assert np.all(np.isneginf(np.asarray(scores)[empty]))
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+      np.asarray(scores)[~empty], np.asarray(ref)[~empty], rtol=tol, atol=tol * np.sqrt(dt)
+    )
+
 
 class TestPallasKernelsCompiled(PallasKernelsTest):
   INTERPRET = False

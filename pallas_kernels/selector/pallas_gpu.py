@@ -126,3 +126,117 @@ def score_candidates_pallas(
     name="ssa_score_candidates",
   )(candidates, rows, table)
   return scores[..., :c]
+
+
+# ----------------------------------------------- scoring straight from routing queries
+
+
+def _score_q_kernel(
+  cand_ref, q_ref, table_ref, out_ref, *, query_tile, chunk_q, bounds, compute_dtype
+):
+  """One tile: its routing window read from q (no rows array), scored, max over rows."""
+  g, d = q_ref.shape[1], q_ref.shape[2]
+  last = pl.program_id(2) * query_tile  # the tile's first position ends its window
+  start = jnp.maximum(last - query_tile + 1, 0)
+  cand = cand_ref[...]
+  safe = jnp.maximum(cand, 0)
+  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  dims = (((1,), (1,)), ((), ()))
+  dot = lambda a, b: jax.lax.dot_general(
+    a, b, dims, precision=precision, preferred_element_type=jnp.float32
+  )
+  if bounds:  # table rows are [max, min]
+    upper = table_ref[safe, pl.ds(0, d)].astype(compute_dtype)
+    lower = table_ref[safe, pl.ds(d, d)].astype(compute_dtype)
+  else:
+    summaries = table_ref[safe, :].astype(compute_dtype)
+  best = jnp.full(cand.shape, -jnp.inf, jnp.float32)
+  rows = chunk_q * g
+  for c in range(0, query_tile, chunk_q):
+    x = q_ref[pl.ds(start + c, chunk_q), :, :].reshape(rows, d)
+    if bounds:
+      zero = jnp.zeros_like(x)
+      scores = dot(jnp.maximum(x, zero).astype(compute_dtype), upper) + dot(
+        jnp.minimum(x, zero).astype(compute_dtype), lower
+      )
+    else:
+      scores = dot(x.astype(compute_dtype), summaries)
+    # Tile 0's window is position 0 alone: rows past `last` are later tokens.
+    pos = start + c + jnp.arange(rows, dtype=jnp.int32) // g
+    scores = jnp.where((pos <= last)[:, None], scores, -jnp.inf)
+    best = jnp.maximum(best, jnp.max(scores, axis=0))
+  out_ref[...] = jnp.where(cand >= 0, best, -jnp.inf)
+
+
+def score_candidates_from_queries_pallas(
+  routing_q: jax.Array,
+  table: jax.Array,
+  candidates: jax.Array,
+  *,
+  query_tile: int,
+  summary: str = "mean",
+  compute_dtype: jnp.dtype | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+) -> jax.Array:
+  """`score_candidates` with the routing rows built inside the kernel from routing_q.
+
+  Tile i's rows are the routing queries at positions [i*Q - Q + 1, i*Q] (clamped at 0:
+  SSA's causal routing window) x the G query heads of each KV head; with
+  summary="bounds" a row r is [relu(r), min(r, 0)] against a table of [max, min]. The
+  result equals `score_candidates(rows, table, candidates)` for those rows, without
+  materialising them (at 1M tokens the f32 rows are 17 GB, read once per tree level).
+
+  Args:
+    routing_q: [batch, T, q_heads, d]; T a multiple of query_tile.
+    table: [batch, kv_heads, nodes, D], D = d (mean) or 2 d (bounds: [max, min]).
+    candidates: int32 [batch, kv_heads, tiles, C], -1 for an empty slot; tiles = T / Q.
+    query_tile: Q.
+    summary: "mean" or "bounds".
+    compute_dtype: matmul operand dtype (None: routing_q's); accumulation is f32.
+
+  Returns:
+    float32 [batch, kv_heads, tiles, C]; -inf where the candidate is -1.
+  """
+  block_sizes = block_sizes or BlockSizes.get_default()
+  b, t, hq, d = routing_q.shape
+  _, hkv, nodes, dt = table.shape
+  num_tiles, c = candidates.shape[2:]
+  if summary not in ("mean", "bounds"):
+    raise ValueError(f"{summary=} must be 'mean' or 'bounds'")
+  bounds = summary == "bounds"
+  if dt != (2 * d if bounds else d) or hq % hkv or table.shape[0] != b:
+    raise ValueError(f"{table.shape=} does not fit {routing_q.shape=} and {summary=}")
+  if t % query_tile or candidates.shape[:3] != (b, hkv, t // query_tile):
+    raise ValueError(f"{candidates.shape=} must be [b, kv_heads, T / {query_tile=}, C]")
+  g = hq // hkv
+  # Rows per matmul: a power of two of at least 16 (Triton) where the tile allows it.
+  chunk_q = min(query_tile, max(1, block_sizes.block_rows // g))
+  if query_tile % chunk_q:
+    raise ValueError(f"{query_tile=} must be a multiple of {chunk_q=}")
+  c_pad = max(16, next_power_of_2(c))
+  candidates = _pad_to(candidates.astype(jnp.int32), 3, c_pad, constant_values=-1)
+  q5 = routing_q.reshape(b, t, hkv, g, d)
+  scores = pl.pallas_call(
+    functools.partial(
+      _score_q_kernel,
+      query_tile=query_tile,
+      chunk_q=chunk_q,
+      bounds=bounds,
+      compute_dtype=compute_dtype or routing_q.dtype,
+    ),
+    grid=(b, hkv, num_tiles),
+    in_specs=[
+      pl.BlockSpec((None, None, None, c_pad), lambda bi, hi, i: (bi, hi, i, 0)),
+      pl.BlockSpec((None, t, None, g, d), lambda bi, hi, i: (bi, 0, hi, 0, 0)),
+      pl.BlockSpec((None, None, nodes, dt), lambda bi, hi, i: (bi, hi, 0, 0)),
+    ],
+    out_specs=pl.BlockSpec((None, None, None, c_pad), lambda bi, hi, i: (bi, hi, i, 0)),
+    out_shape=jax.ShapeDtypeStruct((b, hkv, num_tiles, c_pad), jnp.float32),
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+    ),
+    interpret=interpret,
+    name="ssa_score_candidates_from_queries",
+  )(candidates, q5, table)
+  return scores[..., :c]
