@@ -7,6 +7,7 @@ times the JAX rows, `add_flops` attaches each row's FLOPs and TFLOP/s from
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -41,14 +42,18 @@ def _tokens(t: int) -> str:
 # ------------------------------------------------------------------------------ timing
 
 
-def time_fn(fn: Callable, args: tuple, *, repeats: int, warmup: int, long_s: float) -> dict:
+def time_fn(
+  fn: Callable, args: tuple, *, repeats: int, warmup: int, long_s: float, trace_context=None
+) -> dict:
   """Compile, warm up, time: median seconds of device-synchronised runs, and memory.
 
   A first run longer than 5 * long_s is taken as the only sample (a dense row at 1M
   takes tens of seconds); a first run longer than long_s is followed by one sample.
   """
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  with trace_context() if trace_context else contextlib.nullcontext():
+    lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   peak = None
   try:
@@ -164,6 +169,49 @@ def ensure_pallas_wired() -> str:
     return "patched by subq_jax.benchmark.ensure_pallas_wired"
 
 
+@contextlib.contextmanager
+def fused_routing_rows():
+  """Inside: SSA's Pallas selector reads the routing queries directly
+  (`score_candidates_from_queries_pallas`) instead of a materialised f32 rows array.
+
+  A benchmark variant until `ssa.py` wires it: it swaps two private functions of
+  `subq_jax.ssa` (`_routing_rows` returns only the rows' shape), so trace inside.
+  """
+  orig_rows, orig_ops = ssa._routing_rows, ssa._ops
+  seen = {}
+
+  def rows_shape(rq, hkv, config):
+    seen.update(rq=rq, config=config)
+    b, tp, hq, dr = rq.shape
+    d = dr * (2 if config.summary == "bounds" else 1)
+    return jax.ShapeDtypeStruct((b, hkv, tp // config.tile, config.tile * hq // hkv, d), rq.dtype)
+
+  def ops(implementation, dtype=jnp.float32):
+    score, attention = orig_ops(implementation, dtype)
+    if implementation != "pallas":
+      return score, attention
+
+    def fused(rows, table, candidates):
+      del rows
+      return selector_pallas.score_candidates_from_queries_pallas(
+        seen["rq"],
+        table,
+        candidates,
+        query_tile=seen["config"].tile,
+        summary=seen["config"].summary,
+        compute_dtype=dtype,
+        interpret=jax.default_backend() == "cpu",
+      )
+
+    return fused, attention
+
+  ssa._routing_rows, ssa._ops = rows_shape, ops
+  try:
+    yield
+  finally:
+    ssa._routing_rows, ssa._ops = orig_rows, orig_ops
+
+
 # -------------------------------------------------------------------------------- rows
 
 
@@ -275,7 +323,10 @@ def run_jax_rows(
       for name, fn, args in todo:
         row = dict(row=name, seq_len=t, mode=mode)
         try:
-          row.update(time_fn(fn, args, repeats=repeats, warmup=warmup, long_s=long_s))
+          ctx = fused_routing_rows if name.endswith("[fused]") else None
+          row.update(
+            time_fn(fn, args, repeats=repeats, warmup=warmup, long_s=long_s, trace_context=ctx)
+          )
         except Exception as e:  # noqa: BLE001 (recorded: out of memory, unsupported, ...)
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         log(
@@ -307,9 +358,13 @@ def _row_functions(
   if "ssa_selector" in rows and mode == "fwd":
     select = lambda q, k: ssa.select_blocks(q, k, ssa_cfg, implementation="pallas")
     todo.append(("ssa_selector", select, (q, k)))
+    if "ssa_fused" in rows:
+      todo.append(("ssa_selector[fused]", select, (q, k)))
+  full = lambda q, k, v: ssa.ssa_attention(q, k, v, ssa_cfg, implementation="pallas")
   if "ssa" in rows:
-    add("ssa", lambda q, k, v: ssa.ssa_attention(q, k, v, ssa_cfg, implementation="pallas"),
-        (q, k, v))  # fmt: skip
+    add("ssa", full, (q, k, v))
+  if "ssa_fused" in rows:  # the selector reading routing queries in-kernel
+    add("ssa[fused]", full, (q, k, v))
   attn_kw = dict(block_size=ssa_cfg.block_size, query_tile=ssa_cfg.tile, scale=scale)
   for row, ids in lists.items():
     for vname, sizes in variant_sizes.items():
