@@ -39,7 +39,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", ["8K", "16K", "32K", "64K", "128K", "256K", "512K", "1M"], "T")
 flags.DEFINE_list(
   "rows",
-  ["ssa", "ssa_selector", "ssa_attention", "dense_cudnn", "fa2_torch", "block_topk", "indexer"],
+  [
+    "ssa",
+    "ssa_fused",
+    "ssa_selector",
+    "ssa_attention",
+    "dense_cudnn",
+    "fa2_torch",
+    "block_topk",
+    "indexer",
+  ],
   "rows to run (see the module docstring)",
 )
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd")
