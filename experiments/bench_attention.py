@@ -16,7 +16,8 @@ Rows:
   block_topk, indexer  the quadratic-selector baselines (xla paths), small T only
 Modes: fwd, fwdbwd (forward + backward of q, k, v). Timing: device-synchronised wall
 clock after compilation and warm-up, median of repeats (long rows stop early: a first
-sample over --long_s seconds is taken alone). Memory: the compiled executable's
+run over 5 x --long_s is the only sample, one over --long_s is followed by a single
+timed run). Memory: the compiled executable's
 arguments + outputs + temporaries. TFLOP/s over each row's own FLOPs (subq_jax.flops).
 
   python -m experiments.bench_attention --seq_lens=8K,128K,1M --out_dir=experiments/results
