@@ -7,8 +7,6 @@ Rows:
   ssa_selector   routing tree + beam descent (Pallas selector kernel), forward only
   ssa_attention  Pallas block-sparse attention on the selected blocks
   ssa            both, through `ssa_attention(..., implementation="pallas")`
-  ssa_fused      ssa[fused] and ssa_selector[fused]: the selector reads the routing
-                 queries in-kernel (no f32 rows array); see benchmark.fused_routing_rows
   ssa_synthetic  the attention kernel on a synthetic list of the same budget
                  (stratified random blocks), independent of what routing picks
   dense_cudnn    jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)
@@ -42,7 +40,6 @@ flags.DEFINE_list(
   "rows",
   [
     "ssa",
-    "ssa_fused",
     "ssa_selector",
     "ssa_attention",
     "dense_cudnn",

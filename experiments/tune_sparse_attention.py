@@ -33,13 +33,13 @@ def main(argv):
 
   from pallas_kernels.sparse_attention import index
   from pallas_kernels.sparse_attention import pallas_gpu as ap
-  from subq_jax import benchmark, flops
+  from subq_jax import benchmark, flops, ssa
 
   t = benchmark.parse_tokens(FLAGS.seq_len)
   config = flops.benchmark_config("ssa")
   bs, qt, scale = config.block_size, config.tile, benchmark.HEADS.head_dim**-0.5
   q, k, v, do = benchmark.make_qkv(t)
-  ids = benchmark.slot_list(benchmark.synthetic_selection(t, config), config)
+  ids = ssa._slot_list(benchmark.synthetic_selection(t, config), config)
   ids = jax.jit(lambda x: index.compact_block_lists(x, block_size=bs, query_tile=qt))(ids)
   b, _, hq, d = q.shape
   hkv = k.shape[2]

@@ -7,7 +7,6 @@ times the JAX rows, `add_flops` attaches each row's FLOPs and TFLOP/s from
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -16,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.selector import pallas_gpu as selector_pallas
 from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
 from pallas_kernels.sparse_attention import reference as attention_reference
 from subq_jax import flops, ssa
@@ -42,17 +40,14 @@ def _tokens(t: int) -> str:
 # ------------------------------------------------------------------------------ timing
 
 
-def time_fn(
-  fn: Callable, args: tuple, *, repeats: int, warmup: int, long_s: float, trace_context=None
-) -> dict:
+def time_fn(fn: Callable, args: tuple, *, repeats: int, warmup: int, long_s: float) -> dict:
   """Compile, warm up, time: median seconds of device-synchronised runs, and memory.
 
   A first run longer than 5 * long_s is taken as the only sample (a dense row at 1M
   takes tens of seconds); a first run longer than long_s is followed by one sample.
   """
   start = time.perf_counter()
-  with trace_context() if trace_context else contextlib.nullcontext():
-    lowered = jax.jit(fn).lower(*args)
+  lowered = jax.jit(fn).lower(*args)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   peak = None
@@ -113,22 +108,6 @@ def make_qkv(t: int, seed: int = 0):
   return q, k, v, do
 
 
-def slot_list(selected: jax.Array, config: SSAConfig) -> jax.Array:
-  """Block lists [b, kv, tiles, slots] from chosen blocks: sinks, chosen, local, own."""
-  b, hkv, num_tiles, _ = selected.shape
-  j0 = jnp.arange(num_tiles) * config.tile // config.block_size
-  prefix = jnp.maximum(j0 - config.local_blocks, 0)
-  sinks = jnp.arange(config.sink_blocks)
-  sinks = jnp.where(sinks[None, :] < prefix[:, None], sinks[None, :], -1)
-  local = j0[:, None] - config.local_blocks + jnp.arange(config.local_blocks)[None, :]
-  local = jnp.where(local >= 0, local, -1)
-  before = jnp.broadcast_to(sinks, (b, hkv, num_tiles, config.sink_blocks))
-  after = jnp.broadcast_to(
-    jnp.concatenate([local, j0[:, None]], axis=-1), (b, hkv, num_tiles, config.local_blocks + 1)
-  )
-  return jnp.concatenate([before, selected, after], axis=-1).astype(jnp.int32)
-
-
 def synthetic_selection(t: int, config: SSAConfig, seed: int = 0) -> jax.Array:
   """`top_k` distinct blocks per tile, one uniformly random block in each of `top_k`
   equal strata of the routable range [sink, j0 - W) (all of it when shorter)."""
@@ -145,71 +124,6 @@ def synthetic_selection(t: int, config: SSAConfig, seed: int = 0) -> jax.Array:
   few = jnp.where(i < n, lo + i, -1)
   chosen = jnp.where(n > k, strat, few)
   return jnp.broadcast_to(chosen, (b, hkv, num_tiles, k)).astype(jnp.int32)
-
-
-# ------------------------------------------------------------------------- SSA wiring
-
-
-def pallas_ops():
-  """(score_candidates, sparse_attention) of the Pallas path, as `ssa._ops` returns."""
-  score = lambda rows, table, cand: selector_pallas.score_candidates_pallas(
-    rows, table, cand, compute_dtype=DTYPE
-  )
-  return score, attention_pallas.sparse_attention_pallas
-
-
-def ensure_pallas_wired() -> str:
-  """Make `ssa_attention(implementation="pallas")` reach the kernels; returns how."""
-  try:
-    ssa._ops("pallas")
-    return "ssa"
-  except ValueError:
-    original = ssa._ops
-    ssa._ops = lambda impl: pallas_ops() if impl == "pallas" else original(impl)
-    return "patched by subq_jax.benchmark.ensure_pallas_wired"
-
-
-@contextlib.contextmanager
-def fused_routing_rows():
-  """Inside: SSA's Pallas selector reads the routing queries directly
-  (`score_candidates_from_queries_pallas`) instead of a materialised f32 rows array.
-
-  A benchmark variant until `ssa.py` wires it: it swaps two private functions of
-  `subq_jax.ssa` (`_routing_rows` returns only the rows' shape), so trace inside.
-  """
-  orig_rows, orig_ops = ssa._routing_rows, ssa._ops
-  seen = {}
-
-  def rows_shape(rq, hkv, config):
-    seen.update(rq=rq, config=config)
-    b, tp, hq, dr = rq.shape
-    d = dr * (2 if config.summary == "bounds" else 1)
-    return jax.ShapeDtypeStruct((b, hkv, tp // config.tile, config.tile * hq // hkv, d), rq.dtype)
-
-  def ops(implementation, dtype=jnp.float32):
-    score, attention = orig_ops(implementation, dtype)
-    if implementation != "pallas":
-      return score, attention
-
-    def fused(rows, table, candidates):
-      del rows
-      return selector_pallas.score_candidates_from_queries_pallas(
-        seen["rq"],
-        table,
-        candidates,
-        query_tile=seen["config"].tile,
-        summary=seen["config"].summary,
-        compute_dtype=dtype,
-        interpret=jax.default_backend() == "cpu",
-      )
-
-    return fused, attention
-
-  ssa._routing_rows, ssa._ops = rows_shape, ops
-  try:
-    yield
-  finally:
-    ssa._routing_rows, ssa._ops = orig_rows, orig_ops
 
 
 # -------------------------------------------------------------------------------- rows
@@ -236,7 +150,7 @@ def check_ssa(t: int) -> dict:
   sel_p = jax.jit(lambda q, k: ssa.select_blocks(q, k, config, implementation="pallas"))(q, k)
   sel_x = jax.jit(lambda q, k: ssa.select_blocks(q, k, config, implementation="xla"))(q, k)
   same = float(jnp.mean(jnp.sort(sel_p, -1) == jnp.sort(sel_x, -1)))
-  ids = slot_list(sel_x, config)
+  ids = ssa._slot_list(sel_x, config)
   kw = dict(block_size=config.block_size, query_tile=config.tile, scale=scale)
   pal = lambda q, k, v: attention_pallas.sparse_attention_pallas(q, k, v, ids, **kw)
   f32 = lambda x: x.astype(jnp.float32)
@@ -276,10 +190,9 @@ def run_jax_rows(
   on_row: Callable[[dict], None] | None = None,
 ) -> dict:
   """Times every requested JAX row at every T; returns {"rows": [...], ...}."""
-  wiring = ensure_pallas_wired()
-  results = dict(rows=[], wiring=wiring)
+  results = dict(rows=[])
   results["matmul_tflops"] = matmul_rate()
-  log(f"dense bf16 matmul: {results['matmul_tflops']:.0f} TFLOP/s; pallas wiring: {wiring}")
+  log(f"dense bf16 matmul: {results['matmul_tflops']:.0f} TFLOP/s")
   if check:
     try:
       results["check"] = check_ssa(min(seq_lens))
@@ -312,9 +225,9 @@ def run_jax_rows(
       selected = jax.jit(lambda q, k: ssa.select_blocks(q, k, ssa_cfg, implementation="pallas"))(
         q, k
       )
-      lists["ssa_attention"] = slot_list(selected, ssa_cfg)
+      lists["ssa_attention"] = ssa._slot_list(selected, ssa_cfg)
     if "ssa_synthetic" in rows or variants:
-      lists["ssa_synthetic"] = slot_list(synthetic_selection(t, ssa_cfg), ssa_cfg)
+      lists["ssa_synthetic"] = ssa._slot_list(synthetic_selection(t, ssa_cfg), ssa_cfg)
     for mode in modes:
       todo = _row_functions(
         t, mode, rows, (q, k, v, do), lists, variant_sizes, cfg, scale, max_dense,
@@ -323,10 +236,7 @@ def run_jax_rows(
       for name, fn, args in todo:
         row = dict(row=name, seq_len=t, mode=mode)
         try:
-          ctx = fused_routing_rows if name.endswith("[fused]") else None
-          row.update(
-            time_fn(fn, args, repeats=repeats, warmup=warmup, long_s=long_s, trace_context=ctx)
-          )
+          row.update(time_fn(fn, args, repeats=repeats, warmup=warmup, long_s=long_s))
         except Exception as e:  # noqa: BLE001 (recorded: out of memory, unsupported, ...)
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         log(
@@ -358,13 +268,9 @@ def _row_functions(
   if "ssa_selector" in rows and mode == "fwd":
     select = lambda q, k: ssa.select_blocks(q, k, ssa_cfg, implementation="pallas")
     todo.append(("ssa_selector", select, (q, k)))
-    if "ssa_fused" in rows:
-      todo.append(("ssa_selector[fused]", select, (q, k)))
   full = lambda q, k, v: ssa.ssa_attention(q, k, v, ssa_cfg, implementation="pallas")
   if "ssa" in rows:
     add("ssa", full, (q, k, v))
-  if "ssa_fused" in rows:  # the selector reading routing queries in-kernel
-    add("ssa[fused]", full, (q, k, v))
   attn_kw = dict(block_size=ssa_cfg.block_size, query_tile=ssa_cfg.tile, scale=scale)
   for row, ids in lists.items():
     for vname, sizes in variant_sizes.items():

@@ -37,7 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.selector import reference as selector_reference
+from pallas_kernels.selector.pallas_gpu import (
+  score_candidates_from_queries_pallas,
+  score_candidates_pallas,
+)
 from pallas_kernels.sparse_attention import reference as attention_reference
+from pallas_kernels.sparse_attention.pallas_gpu import sparse_attention_pallas
 from subq_jax.config import BLOCK_KINDS, SSAConfig
 
 __all__ = ["AttentionInfo", "SSAConfig", "select_blocks", "ssa_attention"]
@@ -133,8 +138,7 @@ def select_blocks(
 
     return ssa_reference.select_blocks(routing_q, routing_k, config)
   rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
-  score_fn = _ops(implementation, routing_q.dtype)[0]
-  return _select(rq, rk, config, score_fn, routing_q.shape[1])
+  return _select(rq, rk, config, routing_q.shape[1], implementation)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -208,19 +212,20 @@ def _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implem
 
 
 def _ops(implementation: str, dtype=jnp.float32):
-  """(score_candidates, sparse_attention) of an implementation for inputs of `dtype`."""
+  """(score_candidates on routing rows, sparse_attention) of an implementation."""
   if implementation != "pallas":
     return selector_reference.score_candidates, attention_reference.sparse_attention
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cpu"):
-    raise ValueError(f"implementation='pallas' has GPU kernels only; backend is {backend!r}")
-  from pallas_kernels.selector.pallas_gpu import score_candidates_pallas
-  from pallas_kernels.sparse_attention.pallas_gpu import sparse_attention_pallas
-
-  interpret = backend == "cpu"  # the Pallas interpreter: how CI runs the kernels
+  _check_pallas_backend()
+  interpret = jax.default_backend() == "cpu"  # the Pallas interpreter: how CI runs them
   # Selector matmuls in the inputs' precision: bf16 inputs score on the tensor cores.
   score = functools.partial(score_candidates_pallas, compute_dtype=dtype, interpret=interpret)
   return score, functools.partial(sparse_attention_pallas, interpret=interpret)
+
+
+def _check_pallas_backend():
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"implementation='pallas' has GPU kernels only; backend is {backend!r}")
 
 
 def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
@@ -234,8 +239,8 @@ def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
   qp, kp, vp = (_pad_seq(x, bs) for x in (q, k, v))
   rq = qp if routing_q is None else _pad_seq(routing_q, bs)
   rk = kp if routing_k is None else _pad_seq(routing_k, bs)
-  score_fn, attention_fn = _ops(implementation, rq.dtype)
-  selected = _select(rq, rk, config, score_fn, t)
+  selected = _select(rq, rk, config, t, implementation)
+  attention_fn = _ops(implementation, rq.dtype)[1]
   block_ids = _slot_list(selected, config)
   out, _ = attention_fn(qp, kp, vp, block_ids, block_size=bs, query_tile=config.tile, scale=scale)
   return out[:, :t], AttentionInfo(selected, _block_pairs(block_ids, config, t))
@@ -247,7 +252,7 @@ def _tile_prefix(num_tiles: int, config: SSAConfig) -> tuple[jax.Array, jax.Arra
   return j0, jnp.maximum(j0 - config.local_blocks, 0)
 
 
-def _select(rq, rk, config: SSAConfig, score_fn, seq_len: int) -> jax.Array:
+def _select(rq, rk, config: SSAConfig, seq_len: int, implementation: str) -> jax.Array:
   """Chosen blocks [b, kv_heads, num_tiles, top_k] from padded routing q and k.
 
   Tiles made only of padding (first position >= seq_len) choose nothing.
@@ -262,10 +267,21 @@ def _select(rq, rk, config: SSAConfig, score_fn, seq_len: int) -> jax.Array:
     chosen = jnp.broadcast_to(ids, (b, hkv, num_tiles, config.top_k))
   elif config.kind == "block_topk":
     chosen = _flat_topk(_routing_rows(rq, hkv, config), _tree(rk, config)[0], prefix, config)
+  elif implementation == "pallas":  # the kernel builds each tile's routing window from rq
+    _check_pallas_backend()
+    score_fn = functools.partial(
+      score_candidates_from_queries_pallas,
+      query_tile=config.tile,
+      summary=config.summary,
+      compute_dtype=rq.dtype,
+      interpret=jax.default_backend() == "cpu",
+    )
+    chosen = _beam_descent(rq, _tree(rk, config), prefix, config, score_fn)
   else:
-    rows = _routing_rows(rq, hkv, config)
-    tables = _tree(rk, config)
-    chosen = _beam_descent(rows, tables, prefix, config, score_fn)
+    score_fn = _ops(implementation)[0]
+    chosen = _beam_descent(
+      _routing_rows(rq, hkv, config), _tree(rk, config), prefix, config, score_fn
+    )
   real = (jnp.arange(num_tiles) * config.tile < seq_len)[:, None]
   return _sorted_ids(jnp.where(real, chosen, -1), config.top_k)
 
@@ -316,9 +332,15 @@ def _tree(rk, config: SSAConfig) -> list[jax.Array]:
   return tables
 
 
-def _beam_descent(rows, tables, prefix, config: SSAConfig, score_fn) -> jax.Array:
-  """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k]."""
-  b, hkv, num_tiles = rows.shape[:3]
+def _beam_descent(routing, tables, prefix, config: SSAConfig, score_fn) -> jax.Array:
+  """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k].
+
+  `score_fn(routing, table, candidates)` scores candidates: `routing` is whatever it
+  reads (the routing rows of `_routing_rows`, or the routing queries themselves for
+  the Pallas kernel that builds each tile's window in-kernel).
+  """
+  b, hkv = tables[0].shape[:2]
+  num_tiles = prefix.shape[0]
   f = config.fanout
   slot = jnp.arange(f - 1)
   kept = None  # node ids kept one level up, -1 for none
@@ -335,7 +357,7 @@ def _beam_descent(rows, tables, prefix, config: SSAConfig, score_fn) -> jax.Arra
       candidates = jnp.concatenate([candidates, children.reshape(b, hkv, num_tiles, -1)], -1)
     if level == 1:
       candidates = jnp.where(candidates >= config.sink_blocks, candidates, -1)
-    scores = score_fn(rows, tables[level - 1], candidates)
+    scores = score_fn(routing, tables[level - 1], candidates)
     keep = config.top_k if level == 1 else config.beam_at(level)
     best, idx = jax.lax.top_k(scores, min(keep, candidates.shape[-1]))
     kept = jnp.where(best > -jnp.inf, jnp.take_along_axis(candidates, idx, axis=-1), -1)
