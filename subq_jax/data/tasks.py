@@ -21,8 +21,9 @@ import uuid
 
 import numpy as np
 
-_LOWER = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
-_DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
+# Key alphabets: `latin` letters also fill the code around the task; `greek` letters
+# never do, so a key matches only its own pair (Zoology keeps keys out of the filler).
+KEY_ALPHABETS = {"latin": string.ascii_lowercase, "greek": "αβγδεζηθικλμνξοπρστυφχψω"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,8 @@ class NIAHConfig:
   num_needles: int = 4
   num_queries: int = 2
   uuid_chars: int = 36  # 36 = the full UUID text; fewer = that many hex digits
+  needle_format: str = "\n# key {key} holds {value}\n"
+  query_format: str = "\n# recall {key} -> "  # the answer (the value) follows
 
   def __post_init__(self):
     if not 1 <= self.num_queries <= self.num_needles:
@@ -46,16 +49,22 @@ class MQARConfig:
   num_queries: int = 8
   key_len: int = 3
   value_len: int = 3
+  separator: str = ":"  # between key and value; "" = Zoology's adjacent key-value tokens
+  key_alphabet: str = "latin"  # one of KEY_ALPHABETS; values are digits
 
   def __post_init__(self):
     if not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(
         f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
       )
-    if self.num_pairs > 26**self.key_len:
+    if self.key_alphabet not in KEY_ALPHABETS:
+      raise ValueError(
+        f"mqar.key_alphabet={self.key_alphabet!r} is not one of {tuple(KEY_ALPHABETS)}"
+      )
+    if self.num_pairs > len(KEY_ALPHABETS[self.key_alphabet]) ** self.key_len:
       raise ValueError(
         f"mqar.num_pairs={self.num_pairs} distinct keys do not exist with "
-        f"mqar.key_len={self.key_len} lowercase letters"
+        f"mqar.key_len={self.key_len} letters of {self.key_alphabet!r}"
       )
 
 
@@ -97,11 +106,13 @@ def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> S
   enc = tokenizer.encode
   keys = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
   values = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
-  needles = [enc(f"\n# key {k} holds {v}\n") for k, v in zip(keys, values, strict=True)]
+  needles = [
+    enc(cfg.needle_format.format(key=k, value=v)) for k, v in zip(keys, values, strict=True)
+  ]
   asked = rng.permutation(cfg.num_needles)[: cfg.num_queries]
   query = []
   for i in asked:
-    query += [(enc(f"\n# recall {keys[i]} -> "), False), (enc(values[i]), True)]
+    query += [(enc(cfg.query_format.format(key=keys[i])), False), (enc(values[i]), True)]
   query_len = sum(len(p) for p, _ in query)
   hay_len = length - query_len - sum(len(n) for n in needles)
   if hay_len < 0:
@@ -126,18 +137,21 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
   enc = tokenizer.encode
 
   def word(alphabet, n):
-    return rng.choice(alphabet, size=n).tobytes().decode()
+    return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=n))
 
   keys = []
   while len(keys) < cfg.num_pairs:  # distinct keys
-    k = word(_LOWER, cfg.key_len)
+    k = word(KEY_ALPHABETS[cfg.key_alphabet], cfg.key_len)
     if k not in keys:
       keys.append(k)
-  values = [word(_DIGITS, cfg.value_len) for _ in keys]
-  parts = [(enc("mqar " + " ".join(f"{k}:{v}" for k, v in zip(keys, values, strict=True))), False)]
+  values = [word(string.digits, cfg.value_len) for _ in keys]
+  kv_sep = cfg.separator
+  parts = [
+    (enc("mqar " + " ".join(f"{k}{kv_sep}{v}" for k, v in zip(keys, values, strict=True))), False)
+  ]
   parts.append((enc(" |"), False))
   for i in rng.permutation(cfg.num_pairs)[: cfg.num_queries]:
-    parts += [(enc(f" {keys[i]}:"), False), (enc(values[i]), True)]
+    parts += [(enc(f" {keys[i]}{kv_sep}"), False), (enc(values[i]), True)]
   doc_len = sum(len(p) for p, _ in parts)
   sep = np.asarray([tokenizer.sep_id], np.int32)
   free = length - doc_len - 2
