@@ -93,7 +93,9 @@ def ssa_attention(
     scale: softmax scale; default 1 / sqrt(head_dim).
     implementation: `reference` (float32 brute force, small seq only), `xla`
       (blockwise), `pallas` (kernels; interpret mode on CPU), or None for the best
-      on the backend.
+      on the backend: `pallas` on GPU for the block kinds when the kernels take the
+      shapes (power-of-two head_dim and GQA ratio, query_tile * G >= 16), else `xla`
+      (`dense`: `pallas` and None mean cuDNN flash attention on GPU for bf16/f16).
     return_info: also return an `AttentionInfo`.
 
   Returns:
@@ -102,7 +104,11 @@ def ssa_attention(
   _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implementation)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   if implementation is None:
-    implementation = "xla"
+    implementation = _default_implementation(q, k, config)
+  elif implementation == "pallas" and config.kind in BLOCK_KINDS:
+    problem = _pallas_unsupported(q, k, config)
+    if problem:
+      raise ValueError(f"implementation='pallas' cannot run this shape: {problem}")
   if implementation == "reference":
     from subq_jax import ssa_reference
 
@@ -220,6 +226,34 @@ def _ops(implementation: str, dtype=jnp.float32):
   # Selector matmuls in the inputs' precision: bf16 inputs score on the tensor cores.
   score = functools.partial(score_candidates_pallas, compute_dtype=dtype, interpret=interpret)
   return score, functools.partial(sparse_attention_pallas, interpret=interpret)
+
+
+def _pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
+def _pallas_unsupported(q, k, config: SSAConfig) -> str:
+  """Why the Pallas GPU kernels cannot take these shapes ('' if they can): Triton
+  tiles need power-of-two sizes and matmuls of at least 16 rows."""
+  d, g = q.shape[-1], q.shape[2] // k.shape[2]
+  if not _pow2(d) or d < 16:
+    return f"head_dim={d} must be a power of two >= 16"
+  if not _pow2(g):
+    return f"q_heads / kv_heads = {g} must be a power of two"
+  if config.tile * g < 16:
+    return f"query_tile * (q_heads / kv_heads) = {config.tile} * {g} must be >= 16"
+  return ""
+
+
+def _default_implementation(q, k, config: SSAConfig) -> str:
+  """Pallas kernels on GPU for the block kinds when they fit the shapes (cuDNN for
+  `dense`); XLA otherwise."""
+  on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and config.kind == "dense":
+    return "pallas"
+  if on_gpu and config.kind in BLOCK_KINDS and not _pallas_unsupported(q, k, config):
+    return "pallas"
+  return "xla"
 
 
 def _check_pallas_backend():
@@ -427,7 +461,7 @@ def _dense(q, k, v, scale, implementation):
   b, t, _, _ = q.shape
   backend = "xla"
   if (
-    (implementation == "pallas" or implementation is None)
+    implementation == "pallas"
     and jax.default_backend() == "gpu"
     and q.dtype in (jnp.bfloat16, jnp.float16)
   ):

@@ -341,3 +341,9 @@ def test_partial_block_list_gives_empty_rows():
   out, lse = fn(q, k, v, ids, block_size=16, query_tile=16, scale=0.25)
   assert bool(jnp.all(out[:, :16] == 0)) and bool(jnp.all(jnp.isneginf(lse[..., :16])))
   chex.assert_tree_all_finite((out[:, 16:], lse[..., 16:]))
+
+
+def test_pallas_rejects_shapes_the_kernels_cannot_take():
+  q, k, v = _qkv(121, 1, 64, 3, 1, 16)  # GQA ratio 3
+  with pytest.raises(ValueError, match="q_heads / kv_heads = 3 must be a power of two"):
+    ssa_attention(q, k, v, SSAConfig(**SMALL), implementation="pallas")
