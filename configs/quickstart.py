@@ -20,7 +20,7 @@ def get_config(arg=None):
   # 256-token sequences of 32 blocks of 8: each query attends to the sink block, top_k=4
   # routed blocks, 1 local block and its own: at most 56 keys (a dense row averages 128).
   m.attention.update(block_size=8, top_k=4, fanout=4, beam=2, sink_blocks=1, local_blocks=1)
-  c.data.mixture = {"code": 0.2, "niah": 0.3, "mqar": 0.5}
+  c.data.mixture = {"code": 0.1, "niah": 0.2, "mqar": 0.7}
   c.data.niah.update(num_needles=3, num_queries=3, uuid_chars=4)
   # Zoology-style MQAR: one-letter keys right before one-digit values ("α1 β7 ... | β7"),
   # Greek letters so that keys never occur in the code around them.
