@@ -306,6 +306,7 @@ def train(
     )
 
   pending = None  # (step, metrics) fetched after the next step is dispatched
+  it, stage = None, tc.stage_at(step)
   last_saved = step
   t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
   t_run, steps_run = time.time(), 0
@@ -366,7 +367,7 @@ def train(
   except KeyboardInterrupt:
     if pending is not None:
       _record(pending, losses)  # raises if the last step went non-finite: nothing saved
-    if step > last_saved:
+    if step > last_saved and it is not None:
       save(step, it.get_state(), stage)
       mngr.wait_until_finished()
       log(f"interrupted: saved a checkpoint at step {step}")
