@@ -326,31 +326,95 @@ def _ring_block_attention(q, k, v, ids, config, attention_fn, scale, axis_name, 
   num_blocks = n_local * p
   owner, local = (jnp.asarray(x) for x in _inverse_tables(num_blocks, p, layout))
   shift = causal_shift(num_blocks, p, layout)
-  me = jax.lax.axis_index(axis_name)
   safe = jnp.maximum(ids, 0)
   ids_owner = jnp.where(ids >= 0, owner[safe], -1)
   ids_local = local[safe]
   kw = dict(block_size=bs, query_tile=qt, scale=scale)
-  # Local queries moved right by `shift` blocks, for the remote steps.
   pad_tiles = shift * bs // qt
-  q_shifted = jnp.pad(q, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
-  out = lse = None
-  kv = (k, v)
-  for step in range(p):
-    # Send the held chunk on before computing with it: the transfer overlaps the step.
-    kv_next = jax.lax.ppermute(kv, axis_name, _ring(p)) if step + 1 < p else None
-    src = (me - step) % p
-    ids_step = jnp.where(ids_owner == src, ids_local, -1)
-    if step == 0:
-      o_s, lse_s = attention_fn(q, kv[0], kv[1], ids_step, **kw)
-    else:
-      ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
-      k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
-      o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
-      o_s, lse_s = o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
-    out, lse = merge_partials(out, lse, o_s, lse_s)
-    kv = kv_next
-  return out.astype(q.dtype)
+
+  def compute(step, q, kv, own, aux):
+    ids_owner, ids_local = aux
+    me = jax.lax.axis_index(axis_name)
+    ids_step = jnp.where(ids_owner == (me - step) % p, ids_local, -1)
+    if own:
+      return attention_fn(q, kv[0], kv[1], ids_step, **kw)
+    # Local queries moved right by `shift` blocks: every listed remote block is visible.
+    q_shifted = jnp.pad(q, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
+    ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
+    k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
+    o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
+    return o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
+
+  return ring(compute, axis_name, p, q, (k, v), (ids_owner, ids_local)).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
+  """Ring attention: `compute(step, q, held_kv, own, aux)` -> (out, lse) per step.
+
+  At step s a shard holds the K/V chunk of shard (me - s) mod P; partials merge by lse.
+  Each step sends the held chunk on before computing with it, so that XLA can overlap
+  the transfer with the step; steps 1 .. P-2 are one `lax.scan` (compile time does not
+  grow with P) and the last step sends nothing.
+
+  The backward pass (custom VJP) keeps only q, the local chunk, out and lse: it passes
+  K/V round the ring again with dK/dV accumulators beside them (ring-flash-attention
+  style), recomputing each step, and a last send returns every dK/dV to its owner. So
+  per-device memory stays O(T/P): plain autodiff would keep every held chunk.
+  `aux` (int arrays) gets no cotangent. Returns the float32 output.
+  """
+  return _ring_fwd(compute, axis_name, p, q, kv, aux)[0]
+
+
+def _ring_fwd(compute, axis_name, p, q, kv, aux):
+  send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
+  held = send(kv) if p > 1 else None
+  out, lse = merge_partials(None, None, *compute(0, q, kv, True, aux))
+  if p > 1:
+
+    def step(carry, index):
+      out, lse, held = carry
+      held_next = send(held)
+      out, lse = merge_partials(out, lse, *compute(index, q, held, False, aux))
+      return (out, lse, held_next), None
+
+    if p > 2:
+      (out, lse, held), _ = jax.lax.scan(step, (out, lse, held), jnp.arange(1, p - 1))
+    out, lse = merge_partials(out, lse, *compute(p - 1, q, held, False, aux))
+  return out, (q, kv, aux, out, lse)
+
+
+def _ring_bwd(compute, axis_name, p, res, d_out):
+  q, kv, aux, out, lse = res
+  send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
+  # Row term of the softmax backward through the merge: out = sum_s w_s out_s with
+  # w_s = exp(lse_s - lse), so d out_s = w_s d_out and d lse_s = w_s (d_out . (out_s - out)).
+  d_out = d_out.astype(jnp.float32)
+
+  def step_grads(index, held, own):
+    (o_s, lse_s), vjp = jax.vjp(lambda q, kv: compute(index, q, kv, own, aux), q, held)
+    w = jnp.exp(lse_s - lse)  # [b, h, t]; 0 where the step saw no key
+    w_t = w.transpose(0, 2, 1)[..., None]
+    d_lse = w * jnp.sum(d_out * (o_s.astype(jnp.float32) - out), -1).transpose(0, 2, 1)
+    return vjp(((w_t * d_out).astype(o_s.dtype), d_lse))
+
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+  d_q, d_held = f32(step_grads(0, kv, True))
+  if p > 1:
+
+    def step(carry, index):
+      d_q, held, d_held = carry
+      held, d_held = send((held, d_held))
+      d_q_s, d_kv_s = f32(step_grads(index, held, False))
+      return (d_q + d_q_s, held, jax.tree.map(jnp.add, d_held, d_kv_s)), None
+
+    (d_q, _, d_held), _ = jax.lax.scan(step, (d_q, kv, d_held), jnp.arange(1, p))
+    d_held = send(d_held)  # back to the owners
+  d_kv = jax.tree.map(lambda g, x: g.astype(x.dtype), d_held, kv)
+  return d_q.astype(q.dtype), d_kv, None
+
+
+ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -382,21 +446,19 @@ def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_siz
   """
   p = num_shards
   n_local = q.shape[1] // block_size
-  table = jnp.asarray(sharding.block_owner_table(n_local * p, p, layout))
-  me = jax.lax.axis_index(axis_name)
+  table = sharding.block_owner_table(n_local * p, p, layout)  # numpy: no tracer escapes
 
   def positions(shard):
-    return (table[shard][:, None] * block_size + jnp.arange(block_size)).reshape(-1)
+    return (jnp.asarray(table)[shard][:, None] * block_size + jnp.arange(block_size)).reshape(-1)
 
-  q_pos = positions(me)
-  out = lse = None
-  kv = (k, v)
-  for step in range(p):
-    kv_next = jax.lax.ppermute(kv, axis_name, _ring(p)) if step + 1 < p else None
-    o_s, lse_s = dense_partial(q, kv[0], kv[1], q_pos, positions((me - step) % p), scale)
-    out, lse = merge_partials(out, lse, o_s, lse_s)
-    kv = kv_next
-  return out.astype(q.dtype)
+  q_pos = positions(jax.lax.axis_index(axis_name))
+
+  def compute(step, q, kv, own, aux):
+    del own  # global positions make every step's mask exact
+    me = jax.lax.axis_index(axis_name)
+    return dense_partial(q, kv[0], kv[1], aux, positions((me - step) % p), scale)
+
+  return ring(compute, axis_name, p, q, (k, v), q_pos).astype(q.dtype)
 
 
 def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):

@@ -1,0 +1,105 @@
+"""Sharded vs single-device cases for `subq_jax.seq_parallel`, run in a fresh process.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/seq_parallel_cases.py CASE...
+
+`tests/test_seq_parallel.py` runs it that way (the pytest worker may already have
+initialised jax with one device). Each case compares output and gradients of a sharded
+layer against `ssa_attention` on one device, and prints `ok <case>`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from subq_jax import seq_parallel, sharding  # noqa: E402
+from subq_jax.ssa import SSAConfig, ssa_attention  # noqa: E402
+
+SMALL = dict(block_size=16, query_tile=8, top_k=3, fanout=4, beam=2, sink_blocks=1, local_blocks=1)
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+# name: (kind, summary, layout, data, seq, dtype, position-free routing). Every shard count,
+# summary, layout and block kind appears; compile time (an unrolled ring per case) bounds
+# how many combinations CI affords.
+CASES = {
+  "ssa_mean_striped_seq2_data2": ("ssa", "mean", "striped", 2, 2, jnp.float32, False),
+  "ssa_bounds_zigzag_seq4": ("ssa", "bounds", "zigzag", 1, 4, jnp.float32, False),
+  "ssa_mean_striped_seq8": ("ssa", "mean", "striped", 1, 8, jnp.float32, False),
+  "ssa_mean_contiguous_seq2_norope_bf16": ("ssa", "mean", "contiguous", 1, 2, jnp.bfloat16, True),
+  "block_topk_zigzag_seq2": ("block_topk", "mean", "zigzag", 1, 2, jnp.float32, False),
+  "sliding_striped_seq2": ("sliding", "mean", "striped", 1, 2, jnp.float32, False),
+  "dense_striped_seq8": ("dense", "mean", "striped", 1, 8, jnp.float32, False),
+  "dense_zigzag_seq4_data2": ("dense", "mean", "zigzag", 2, 4, jnp.float32, False),
+}
+
+
+def inputs(seed, b, t, hq, hkv, d, dtype, d_route=None):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q = jax.random.normal(keys[0], (b, t, hq, d)).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, hkv, d)).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, hkv, d)).astype(dtype)
+  if d_route is None:
+    return q, k, v, {}
+  rq = jax.random.normal(keys[3], (b, t, hq, d_route)).astype(dtype)
+  rk = jax.random.normal(keys[4], (b, t, hkv, d_route)).astype(dtype)
+  return q, k, v, dict(routing_q=rq, routing_k=rk)
+
+
+def run_case(name: str):
+  kind, summary, layout, data, seq, dtype, position_free = CASES[name]
+  config = SSAConfig(kind=kind, summary=summary, route_with_rope=not position_free, **SMALL)
+  b, t, hq, hkv, d = 2, 256, 4, 2, 16
+  q, k, v, routing = inputs(seq, b, t, hq, hkv, d, dtype, 8 if position_free else None)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=data, seq=seq), jax.devices()[: data * seq])
+  perm = sharding.layout_permutation(t, seq, config.block_size, layout)
+  inv = np.argsort(perm)
+  cot = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32)
+
+  def single(q, k, v, return_info=False):
+    return ssa_attention(q, k, v, config, implementation="xla", return_info=return_info, **routing)
+
+  def sharded(q, k, v, return_selected=False):
+    lay = {key: x[:, perm] for key, x in routing.items()}
+    out = seq_parallel.sharded_attention(
+      q[:, perm],
+      k[:, perm],
+      v[:, perm],
+      config,
+      mesh,
+      layout=layout,
+      return_selected=return_selected,
+      **lay,
+    )
+    return (out[0][:, inv], out[1]) if return_selected else out[:, inv]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+  tol = TOL[dtype]
+  if kind == "dense":
+    out_1, out_p = jax.jit(single)(q, k, v), jax.jit(sharded)(q, k, v)
+  else:  # the chosen blocks too, tiles in layout order
+    out_1, info = jax.jit(functools.partial(single, return_info=True))(q, k, v)
+    out_p, chosen = jax.jit(functools.partial(sharded, return_selected=True))(q, k, v)
+    tiles = perm[:: config.tile] // config.tile
+    np.testing.assert_array_equal(np.asarray(chosen), np.asarray(info.selected_blocks)[:, :, tiles])
+  chex.assert_trees_all_close(out_p, out_1, **tol)
+  grads_1 = jax.jit(jax.grad(loss(single), argnums=(0, 1, 2)))(q, k, v)
+  grads_p = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+  scale = float(max(jnp.abs(g.astype(jnp.float32)).max() for g in grads_1))
+  chex.assert_trees_all_close(grads_p, grads_1, atol=tol["atol"] * scale, rtol=tol["rtol"])
+  print(f"ok {name}", flush=True)
+
+
+if __name__ == "__main__":
+  assert jax.device_count() >= 8, jax.devices()
+  for case in sys.argv[1:] or CASES:
+    run_case(case)

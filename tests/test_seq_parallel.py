@@ -1,0 +1,181 @@
+"""Sequence parallelism: layouts, rules and merges here; sharded-vs-single-device cases
+and a two-process `jax.distributed` run in fresh processes (fake CPU devices)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from subq_jax import seq_parallel, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Lower XLA CPU optimisation: these programs are tiny, compiling them dominates.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_XLA}"
+  return env
+
+
+@pytest.mark.parametrize("layout", sharding.LAYOUTS)
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_layout_tables(layout, shards):
+  n, bs = 16, 4
+  table = sharding.block_owner_table(n, shards, layout)
+  assert sorted(table.reshape(-1)) == list(range(n))
+  assert (np.diff(table, axis=1) > 0).all()  # a shard's blocks keep their global order
+  perm = sharding.layout_permutation(n * bs, shards, bs, layout)
+  x = np.arange(n * bs)[None]
+  np.testing.assert_array_equal(sharding.from_layout(sharding.to_layout(x, perm), perm), x)
+  np.testing.assert_array_equal(perm[::bs] // bs, table.reshape(-1))
+
+
+def test_layouts_balance_causal_work():
+  n, p = 64, 4
+  work = {}
+  for layout in sharding.LAYOUTS:  # earlier keys per shard: the causal work
+    work[layout] = sharding.block_owner_table(n, p, layout).sum(axis=1)
+  assert work["contiguous"].max() / work["contiguous"].min() > 5
+  assert work["striped"].max() / work["striped"].min() < 1.15
+  assert work["zigzag"].max() == work["zigzag"].min()
+
+
+def test_causal_shift():
+  assert seq_parallel.causal_shift(16, 4, "striped") == 1
+  assert seq_parallel.causal_shift(16, 4, "zigzag") == 2  # half a shard's blocks
+  assert seq_parallel.causal_shift(16, 4, "contiguous") == 4
+  assert seq_parallel.causal_shift(16, 1, "striped") == 0
+
+
+def test_logical_rules():
+  spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"))
+  assert spec == PartitionSpec(("data", "fsdp"), "seq", None, None)
+  assert sharding.logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", None)
+  # A mesh axis is used once per array.
+  assert sharding.logical_to_spec(("embed", "embed")) == PartitionSpec("fsdp", None)
+  with pytest.raises(ValueError, match="no rule"):
+    sharding.logical_to_spec(("nonsense",))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+  assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.size == jax.device_count()
+  named = sharding.logical_sharding(mesh, ("batch", "seq"))
+  assert named.spec == PartitionSpec(("data", "fsdp"), "seq")
+
+
+def test_mesh_config_errors():
+  with pytest.raises(ValueError, match="layout"):
+    sharding.MeshConfig(layout="spiral")
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.MeshConfig(data=-1, seq=-1)
+  with pytest.raises(ValueError, match="needs"):
+    sharding.MeshConfig(data=2, seq=3).shape(4)
+  with pytest.raises(ValueError, match="multiple"):
+    seq_parallel.check_seq_len(96, 4, 16, "zigzag")
+
+
+def test_partials_merge_to_full_attention():
+  """Attention over disjoint key sets, merged by lse, equals one softmax over all."""
+  b, t, hq, hkv, d = 1, 32, 4, 2, 8
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(ks[0], (b, t, hq, d))
+  k, v = (jax.random.normal(x, (b, t, hkv, d)) for x in ks[1:])
+  pos = jnp.arange(t)
+  partial = jax.jit(seq_parallel.dense_partial, static_argnames=("scale", "queries_per_chunk"))
+  full, full_lse = partial(q, k, v, pos, pos, 0.3, queries_per_chunk=8)
+  ref = jax.nn.dot_product_attention(q, k, v, scale=0.3, is_causal=True)
+  chex.assert_trees_all_close(full, ref, atol=1e-5, rtol=1e-5)
+  out = lse = None
+  for part in (slice(0, 8), slice(8, 24), slice(24, 32)):  # the last part: some rows see none
+    o, s = partial(q, k[:, part], v[:, part], pos, pos[part], 0.3)
+    out, lse = seq_parallel.merge_partials(out, lse, o, s)
+  chex.assert_trees_all_close(out, full, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(lse, full_lse, atol=1e-5, rtol=1e-5)
+
+  def merged_loss(q):
+    out, lse = None, None
+    for part in (slice(0, 16), slice(16, 32)):
+      o, s = seq_parallel.dense_partial(q, k[:, part], v[:, part], pos, pos[part], 0.3)
+      out, lse = seq_parallel.merge_partials(out, lse, o, s)
+    return jnp.sum(out**2)
+
+  grad = jax.jit(jax.grad(merged_loss))(q)
+  chex.assert_tree_all_finite(grad)
+  want = jax.jit(jax.grad(lambda q: jnp.sum(partial(q, k, v, pos, pos, 0.3)[0] ** 2)))(q)
+  chex.assert_trees_all_close(grad, want, atol=1e-5, rtol=1e-5)
+
+
+# Two groups so that `pytest -n 2` runs them side by side.
+CASE_GROUPS = {
+  "ssa": [
+    "ssa_mean_striped_seq2_data2",
+    "ssa_bounds_zigzag_seq4",
+    "ssa_mean_striped_seq8",
+  ],
+  "others": [
+    "ssa_mean_contiguous_seq2_norope_bf16",
+    "block_topk_zigzag_seq2",
+    "sliding_striped_seq2",
+    "dense_striped_seq8",
+    "dense_zigzag_seq4_data2",
+  ],
+}
+
+
+@pytest.mark.parametrize("group", list(CASE_GROUPS))
+def test_sharded_matches_single_device(group):
+  cases = CASE_GROUPS[group]
+  script = os.path.join(ROOT, "tests", "seq_parallel_cases.py")
+  result = subprocess.run(
+    [sys.executable, script, *cases],
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+  for case in cases:
+    assert f"ok {case}" in result.stdout
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_jax_distributed():
+  """Two processes x 2 CPU devices, joined by jax.distributed (gloo): a 4-shard ring."""
+  port = _free_port()
+  script = os.path.join(ROOT, "tests", "distributed_worker.py")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, script, str(i), "2", str(port)],
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=600)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for i, (proc, log) in enumerate(zip(procs, logs, strict=True)):
+    assert proc.returncode == 0, log[-5000:]
+    for kind in ("ssa", "dense"):
+      assert f"process {i}: ok {kind} over 4 devices" in log
