@@ -1,0 +1,117 @@
+"""The model's training step with the sequence sharded over a mesh's `seq` axis.
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, seq=4))
+    step = make_train_step(graphdef, tx, cfg, sep_id, pad_id, mesh, layout="zigzag")
+    params, opt_state, metrics = step(params, opt_state, batch)  # batch as for train.py
+
+Same contract as `subq_jax.train.make_train_step`. Inside, the step reorders inputs,
+targets and RoPE positions into the layout (`subq_jax.sharding`), runs the model with
+every attention layer routed to `seq_parallel.sharded_attention`, and takes the loss on
+the reordered targets: the token loss is a sum over tokens, so it is unchanged. The rest
+of the model (projections, MLP, norms) is position-wise and GSPMD shards it along the
+batch and sequence as the attention's `shard_map` leaves them.
+
+The model has no attention hook yet, so `sharded_model_attention` swaps the module-level
+`subq_jax.model.attend` while the step traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from subq_jax import model as model_lib
+from subq_jax import seq_parallel, sharding
+from subq_jax import train as train_lib
+
+
+def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
+  """An `attend(q, k, v, config, **kw)` for the model that shards the sequence."""
+
+  def attend(q, k, v, config, *, scale=None, implementation=None, return_info=False, **kwargs):
+    if return_info:
+      raise ValueError("sequence-parallel attention returns no AttentionInfo")
+    if kwargs.pop("indexer_weights", None) is not None:
+      raise ValueError("kind='indexer' has no sequence-parallel path")
+    impl = "pallas" if implementation == "pallas" else "xla"
+    return seq_parallel.sharded_attention(
+      q,
+      k,
+      v,
+      config,
+      mesh,
+      layout=layout,
+      seq_axis=seq_axis,
+      scale=scale,
+      implementation=impl,
+      **kwargs,
+    )
+
+  return attend
+
+
+@contextlib.contextmanager
+def sharded_model_attention(mesh, layout: str, seq_axis: str = "seq"):
+  """While active, every attention layer of `subq_jax.model` runs sequence-parallel."""
+  saved = model_lib.attend
+  model_lib.attend = sharded_attend(mesh, layout, seq_axis)
+  try:
+    yield
+  finally:
+    model_lib.attend = saved
+
+
+def layout_block_size(model_cfg) -> int:
+  """The block size every layer shares (the unit of the sequence layout)."""
+  sizes = {model_cfg.layer_attention(i).block_size for i in range(model_cfg.num_layers)}
+  if len(sizes) != 1:
+    raise ValueError(f"sequence parallelism needs one block_size in every layer, got {sizes}")
+  return sizes.pop()
+
+
+def make_train_step(graphdef, tx, cfg, sep_id: int, pad_id: int, mesh, layout="striped"):
+  """`train.make_train_step` with the sequence over `mesh`'s `seq` axis."""
+  p = mesh.shape["seq"]
+  block = layout_block_size(cfg.model)
+  if cfg.train.loss_aggregation != "token" and layout != "contiguous":
+    raise ValueError(
+      f"loss_aggregation={cfg.train.loss_aggregation!r} reads documents in order: "
+      "use layout='contiguous'"
+    )
+
+  def loss_fn(params, batch):
+    tokens = batch["tokens"]
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    perm = sharding.layout_permutation(t, p, block, layout)
+    inputs, targets = tokens[:, :-1][:, perm], tokens[:, 1:][:, perm]
+    positions = jnp.broadcast_to(jnp.asarray(np.arange(t, dtype=np.int32)[perm]), (b, t))
+    with sharded_model_attention(mesh, layout):
+      logits = nnx.merge(graphdef, params)(inputs, positions)
+    # lm_loss reads targets as tokens[:, 1:]; the column in front is never a target.
+    shifted = jnp.concatenate([inputs[:, :1], targets], axis=1)
+    mask = batch.get("answer_mask")
+    if mask is not None:
+      mask = jnp.concatenate([mask[:, :1], mask[:, 1:][:, perm]], axis=1)
+    return train_lib.lm_loss(
+      logits,
+      shifted,
+      aggregation=cfg.train.loss_aggregation,
+      sep_id=sep_id,
+      pad_id=pad_id,
+      answer_mask=mask,
+      answer_weight=cfg.train.answer_weight,
+    )
+
+  def step(params, opt_state, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1))
