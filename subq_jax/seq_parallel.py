@@ -173,19 +173,30 @@ def causal_shift(num_blocks: int, num_shards: int, layout: str) -> int:
 def _halo_plan(num_blocks: int, num_shards: int, layout: str):
   """Where each local block's predecessor tail comes from.
 
-  Returns (shifts, source, local): ring offsets to `ppermute` the tails by, and for
-  every (shard, local block) the index into [tails shifted by each offset..., own first
-  row] and the local block to take there. Global block 0 has no predecessor: its
-  routing window repeats position 0, as on one device.
+  Returns (shifts, sends, index): for each ring offset in `shifts`, the local blocks
+  whose tails every shard sends that far (`sends`, the same on every shard; offset 0
+  sends nothing); and for every (shard, local block) an index into the concatenation
+  [own tails, tails received at each nonzero offset..., own first rows]. Global block 0
+  has no predecessor: its routing window repeats position 0, as on one device.
+  Striped sends every tail one step; contiguous and zigzag only chunk ends.
   """
   table = sharding.block_owner_table(num_blocks, num_shards, layout)
   owner, local = _inverse_tables(num_blocks, num_shards, layout)
+  n_local = table.shape[1]
   prev = table - 1
+  has_prev = prev >= 0
+  src = local[np.maximum(prev, 0)]
   shift = (np.arange(num_shards)[:, None] - owner[np.maximum(prev, 0)]) % num_shards
-  shifts = tuple(sorted({int(x) for x in shift[prev >= 0]}))
-  source = np.where(prev >= 0, np.searchsorted(shifts, shift), len(shifts)).astype(np.int32)
-  src_local = np.where(prev >= 0, local[np.maximum(prev, 0)], np.arange(table.shape[1]))
-  return shifts, source, src_local.astype(np.int32)
+  shifts = tuple(sorted({int(x) for x in shift[has_prev] if x != 0}))
+  sends = tuple(np.unique(src[has_prev & (shift == s)]) for s in shifts)
+  index = np.where(has_prev & (shift == 0), src, -1)
+  offset = n_local
+  for s, sent in zip(shifts, sends, strict=True):
+    index = np.where(has_prev & (shift == s), offset + np.searchsorted(sent, src), index)
+    offset += len(sent)
+  index = np.where(has_prev, index, offset + np.arange(n_local))
+  assert (index >= 0).all()
+  return shifts, sends, index.astype(np.int32)
 
 
 def _ring(p: int, offset: int = 1):
@@ -286,14 +297,16 @@ def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout):
   b, tl, hq, dr = rq.shape
   bs, qt = config.block_size, config.tile
   n_local = tl // bs
-  shifts, source, src_local = _halo_plan(n_local * p, p, layout)
+  shifts, sends, index = _halo_plan(n_local * p, p, layout)
   me = jax.lax.axis_index(axis_name)
   blocks = rq.reshape(b, n_local, bs, hq, dr)
   tails = blocks[:, :, bs - qt :]
-  options = [tails if s == 0 else jax.lax.ppermute(tails, axis_name, _ring(p, s)) for s in shifts]
+  options = [tails]
+  for s, sent in zip(shifts, sends, strict=True):
+    options.append(jax.lax.ppermute(tails[:, sent], axis_name, _ring(p, s)))
   options.append(jnp.broadcast_to(blocks[:, :, :1], tails.shape))
-  halo = jnp.stack(options)[jnp.asarray(source)[me], :, jnp.asarray(src_local)[me]]
-  extended = jnp.concatenate([halo.transpose(1, 0, 2, 3, 4), blocks], axis=2)
+  halo = jnp.concatenate(options, axis=1)[:, jnp.asarray(index)[me]]
+  extended = jnp.concatenate([halo, blocks], axis=2)
   rows = ssa_lib._routing_rows(extended.reshape(b * n_local, qt + bs, hq, dr), hkv, config)
   rows = rows[:, :, 1:].reshape(b, n_local, hkv, bs // qt, *rows.shape[-2:])
   return rows.transpose(0, 2, 1, 3, 4, 5).reshape(b, hkv, n_local * (bs // qt), *rows.shape[-2:])

@@ -95,7 +95,7 @@ def test_partials_merge_to_full_attention():
   ref = jax.nn.dot_product_attention(q, k, v, scale=0.3, is_causal=True)
   chex.assert_trees_all_close(full, ref, atol=1e-5, rtol=1e-5)
   out = lse = None
-  for part in (slice(0, 8), slice(8, 24), slice(24, 32)):  # the last part: some rows see none
+  for part in (slice(0, 16), slice(16, 32)):  # rows before 16 see none of the second
     o, s = partial(q, k[:, part], v[:, part], pos, pos[part], 0.3)
     out, lse = seq_parallel.merge_partials(out, lse, o, s)
   chex.assert_trees_all_close(out, full, atol=1e-5, rtol=1e-5)
@@ -124,9 +124,9 @@ CASE_GROUPS = {
   "others": [
     "ssa_mean_contiguous_seq2_norope_bf16",
     "block_topk_zigzag_seq2",
-    "sliding_striped_seq2",
     "dense_striped_seq8",
     "dense_zigzag_seq4_data2",
+    "train_step_data2_seq4",
   ],
 }
 
@@ -144,7 +144,7 @@ def test_sharded_matches_single_device(group):
   )
   assert result.returncode == 0, result.stdout + result.stderr[-5000:]
   for case in cases:
-    assert f"ok {case}" in result.stdout
+    assert f"ok {case}" in result.stdout, result.stdout
 
 
 def _free_port() -> int:
