@@ -143,6 +143,29 @@ def _fit(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
+def param_shardings(params, mesh: Mesh, axis: str = "fsdp", min_size: int = 1 << 14):
+  """FSDP (ZeRO-3) shardings of a parameter tree: each array's largest dimension that
+  `axis` divides is split over it; small arrays (< `min_size` elements) and arrays with
+  no such dimension are replicated. Use with `jax.device_put(params, ...)`; GSPMD
+  gathers each weight where a layer uses it.
+
+  A rule-free default: a model whose parameters carry logical axis names should use
+  `logical_sharding` instead.
+  """
+  size = mesh.shape[axis] if axis in mesh.axis_names else 1
+
+  def one(x):
+    spec = [None] * x.ndim
+    if size > 1 and x.size >= min_size:
+      for dim in sorted(range(x.ndim), key=lambda i: -x.shape[i]):
+        if x.shape[dim] % size == 0:
+          spec[dim] = axis
+          break
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(one, params)
+
+
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
   """`jax.shard_map` (new) or `jax.experimental.shard_map.shard_map` (old), unchecked.
 

@@ -72,6 +72,15 @@ def test_logical_rules():
   assert named.spec == PartitionSpec(("data", "fsdp"), "seq")
 
 
+def test_param_shardings():
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
+  params = {"w": np.zeros((256, 128)), "b": np.zeros(8)}
+  specs = sharding.param_shardings(params, mesh, min_size=16)
+  want = "fsdp" if jax.device_count() > 1 else None
+  assert specs["w"].spec == PartitionSpec(want, None)
+  assert specs["b"].spec == PartitionSpec(None)  # below min_size: replicated
+
+
 def test_mesh_config_errors():
   with pytest.raises(ValueError, match="layout"):
     sharding.MeshConfig(layout="spiral")
