@@ -94,13 +94,13 @@ def _take(it, n):
 
 
 def test_pipeline_deterministic_packed_and_resumable():
-  kw = dict(seq_len=96, batch_size=3)
+  kw = dict(seq_len=600, batch_size=3)
   a = _take(iter(make_dataset(CFG, **kw)), 4)
   b = _take(iter(make_dataset(CFG, **kw)), 4)
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
     np.testing.assert_array_equal(x["answer_mask"], y["answer_mask"])
-  assert a[0]["tokens"].shape == (3, 97) and a[0]["tokens"].dtype == np.int32
+  assert a[0]["tokens"].shape == (3, 601) and a[0]["tokens"].dtype == np.int32
   assert not np.array_equal(a[0]["tokens"], a[1]["tokens"])
   # Another seed or stage gives other data.
   other = next(iter(make_dataset(dataclasses.replace(CFG, seed=1), **kw)))
@@ -116,7 +116,7 @@ def test_pipeline_deterministic_packed_and_resumable():
 
 def test_mixture_weights():
   cfg = dataclasses.replace(CFG, mixture={"code": 0.0, "niah": 1.0, "mqar": 0.0})
-  batch = next(iter(make_dataset(cfg, seq_len=256, batch_size=4)))
+  batch = next(iter(make_dataset(cfg, seq_len=512, batch_size=4)))
   assert (batch["source"] == 1).all() and batch["answer_mask"].any(axis=1).all()
   with pytest.raises(ValueError, match="mixture"):
     dataclasses.replace(CFG, mixture={"code": 1.0, "ruler": 1.0})
