@@ -34,6 +34,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from absl import app, flags  # noqa: E402
 
+from subq_jax import flops  # noqa: E402  (pure Python: no jax import)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", ["8K", "16K", "32K", "64K", "128K", "256K", "512K", "1M"], "T")
 flags.DEFINE_list(
@@ -66,14 +68,6 @@ flags.DEFINE_string("out_dir", "experiments/results", "where JSON, table and PNG
 flags.DEFINE_string("tag", "", "file name tag (default: device and date)")
 flags.DEFINE_bool("fa2_worker", False, "internal: run the torch rows and print JSON")
 flags.DEFINE_bool("check", True, "check SSA pallas against the xla path at the smallest T")
-
-
-def parse_tokens(s: str) -> int:
-  s = s.strip().upper()
-  for unit, size in (("M", 2**20), ("K", 2**10)):
-    if s.endswith(unit):
-      return int(float(s[:-1]) * size)
-  return int(s)
 
 
 HEADS = dict(q_heads=32, kv_heads=8, head_dim=128, batch=1)
@@ -177,16 +171,16 @@ def run_fa2_child(seq_lens, modes, max_dense, max_dense_fwdbwd):
 
 def main(argv):
   del argv
-  seq_lens = [parse_tokens(s) for s in FLAGS.seq_lens]
-  max_dense = parse_tokens(FLAGS.max_dense)
-  max_dense_fwdbwd = parse_tokens(FLAGS.max_dense_fwdbwd)
+  seq_lens = [flops.parse_tokens(s) for s in FLAGS.seq_lens]
+  max_dense = flops.parse_tokens(FLAGS.max_dense)
+  max_dense_fwdbwd = flops.parse_tokens(FLAGS.max_dense_fwdbwd)
   if FLAGS.fa2_worker:
     fa2_worker(seq_lens, FLAGS.modes, max_dense, max_dense_fwdbwd, FLAGS.repeats, FLAGS.long_s)
     return
   # Torch first, in its own process, before JAX takes the GPU memory.
   fa2_rows, torch_info = [], None
   if "fa2_torch" in FLAGS.rows:
-    cap = parse_tokens(FLAGS.max_fa2) if FLAGS.max_fa2 else None
+    cap = flops.parse_tokens(FLAGS.max_fa2) if FLAGS.max_fa2 else None
     fa2_rows, torch_info = run_fa2_child(
       seq_lens,
       FLAGS.modes,
@@ -215,7 +209,7 @@ def main(argv):
     long_s=FLAGS.long_s,
     max_dense=max_dense,
     max_dense_fwdbwd=max_dense_fwdbwd,
-    max_quadratic=parse_tokens(FLAGS.max_quadratic),
+    max_quadratic=flops.parse_tokens(FLAGS.max_quadratic),
     variants=FLAGS.variants,
     check=FLAGS.check,
   )

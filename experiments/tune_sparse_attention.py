@@ -35,7 +35,7 @@ def main(argv):
   from pallas_kernels.sparse_attention import pallas_gpu as ap
   from subq_jax import benchmark, flops, ssa
 
-  t = benchmark.parse_tokens(FLAGS.seq_len)
+  t = flops.parse_tokens(FLAGS.seq_len)
   config = flops.benchmark_config("ssa")
   bs, qt, scale = config.block_size, config.tile, benchmark.HEADS.head_dim**-0.5
   q, k, v, do = benchmark.make_qkv(t)

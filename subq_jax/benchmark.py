@@ -19,22 +19,10 @@ from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
 from pallas_kernels.sparse_attention import reference as attention_reference
 from subq_jax import flops, ssa
 from subq_jax.config import SSAConfig
+from subq_jax.flops import format_tokens
 
 HEADS = flops.HeadConfig()  # Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128
 DTYPE = jnp.bfloat16
-
-
-def parse_tokens(s: str) -> int:
-  """'8K' -> 8192, '1M' -> 1048576, '5000' -> 5000."""
-  s = str(s).strip().upper()
-  for unit, size in (("M", 2**20), ("K", 2**10)):
-    if s.endswith(unit):
-      return int(float(s[:-1]) * size)
-  return int(s)
-
-
-def _tokens(t: int) -> str:
-  return flops.format_tokens(t)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -240,7 +228,7 @@ def run_jax_rows(
         except Exception as e:  # noqa: BLE001 (recorded: out of memory, unsupported, ...)
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         log(
-          f"{_tokens(t):>5} {mode:<6} {name:<28} "
+          f"{format_tokens(t):>5} {mode:<6} {name:<28} "
           + (f"{row['time_s'] * 1e3:10.2f} ms" if "time_s" in row else row["error"][:120])
         )
         results["rows"].append(row)
@@ -348,13 +336,13 @@ def format_table(results: dict) -> str:
         if r.get("seq_len") != t or r.get("mode") != mode:
           continue
         if "time_s" not in r:
-          lines.append(f"{_tokens(t):>5} {mode:<6} {r['row']:<28} {r['error'][:60]}")
+          lines.append(f"{format_tokens(t):>5} {mode:<6} {r['row']:<28} {r['error'][:60]}")
           continue
         vs_d = f"{dense['time_s'] / r['time_s']:8.1f}x" if dense else f"{'':>9}"
         vs_f = f"{fa2['time_s'] / r['time_s']:7.1f}x" if fa2 else f"{'':>8}"
         peak = f"{r['peak_gib']:9.1f}" if r.get("peak_gib") is not None else f"{'':>9}"
         lines.append(
-          f"{_tokens(t):>5} {mode:<6} {r['row']:<28} {r['time_s'] * 1e3:11.2f} {vs_d} {vs_f} "
+          f"{format_tokens(t):>5} {mode:<6} {r['row']:<28} {r['time_s'] * 1e3:11.2f} {vs_d} {vs_f} "
           f"{r.get('tflops', math.nan):8.1f} {peak}"
         )
   lines += ["", "targets (largest T with both rows):"] + _targets(results)
@@ -370,7 +358,7 @@ def _extrapolate_dense(rows, name, t, mode):
   r = max(known, key=lambda r: r["seq_len"])
   dense = flops.benchmark_config("dense")
   ratio = flops.pairs(t, dense) / flops.pairs(r["seq_len"], dense)
-  note = f" [{name} extrapolated from {_tokens(r['seq_len'])} x{ratio:.2f}]"
+  note = f" [{name} extrapolated from {format_tokens(r['seq_len'])} x{ratio:.2f}]"
   return dict(r, seq_len=t, time_s=r["time_s"] * ratio), note
 
 
@@ -392,11 +380,11 @@ def _targets(results: dict) -> list[str]:
       other, note = _extrapolate_dense(rows, name, t, mode)
     if other and ref:
       x = other["time_s"] / ref["time_s"]
-      out.append(f"  {_tokens(t)} {mode} ssa vs {name}: {x:.1f}x (target >= {target}x){note}")
+      out.append(f"  {format_tokens(t)} {mode} ssa vs {name}: {x:.1f}x (target >= {target}x){note}")
   sel = _find(rows, "ssa_selector", t, "fwd")
   if sel and ssa_f:
     share = sel["time_s"] / ssa_f["time_s"]
-    out.append(f"  {_tokens(t)} selector share of ssa fwd: {share:.1%} (target <= 15%)")
+    out.append(f"  {format_tokens(t)} selector share of ssa fwd: {share:.1%} (target <= 15%)")
   lo = _find(rows, "ssa", 128 * 1024, "fwd")
   hi = _find(rows, "ssa", 1024 * 1024, "fwd")
   if lo and hi:
@@ -404,9 +392,10 @@ def _targets(results: dict) -> list[str]:
   att = _find(rows, "ssa_attention", t, "fwd")
   if att and results.get("matmul_tflops"):
     share = att["tflops"] / results["matmul_tflops"]
-    out.append(f"  {_tokens(t)} sparse kernel fwd: {share:.0%} of matmul rate (target >= 50%)")
+    rate = f"{share:.0%} of matmul rate"
+    out.append(f"  {format_tokens(t)} sparse kernel fwd: {rate} (target >= 50%)")
   wins = [
-    _tokens(s)
+    format_tokens(s)
     for s in ts
     if _find(rows, "dense_cudnn", s, "fwd")
     and _find(rows, "dense_cudnn", s, "fwd")["time_s"] > _find(rows, "ssa", s, "fwd")["time_s"]

@@ -307,6 +307,15 @@ def cost_table(
   return rows
 
 
+def parse_tokens(s: str | int) -> int:
+  """'8K' -> 8192, '1M' -> 1048576, '5000' -> 5000."""
+  s = str(s).strip().upper()
+  for unit, size in (("M", 2**20), ("K", 2**10)):
+    if s.endswith(unit):
+      return int(float(s[:-1]) * size)
+  return int(s)
+
+
 def format_tokens(t: int) -> str:
   """4096 -> '4K', 1048576 -> '1M'."""
   for unit, size in (("M", 2**20), ("K", 2**10)):
