@@ -22,7 +22,7 @@ lint: $(PY)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q -rs tests
 
 quickstart: $(PY)
 	$(PY) -m experiments.train --config=configs/quickstart.py --workdir=runs/quickstart
