@@ -71,29 +71,19 @@ def main(argv):
     print(line, flush=True)
     results.append(dict(kernel=kernel, tiling=spec, seq_len=t, **r))
 
-  def sizes(spec):
-    """block_m/num_warps/num_stages[/c<dkv_chunk>][/h]: h splits passes by KV head when
-    an operand its loop reads is over 4 GiB."""
-    m, w, s, *extra = spec.split("/")
-    m, w, s = int(m), int(w), int(s)
-    chunk = next((int(x[1:]) for x in extra if x.startswith("c")), 0)
-    return ap.BlockSizes(
-      m, m, m, w, s, w, s, w, s, dkv_chunk=chunk, split_heads_over_4gib="h" in extra
-    )
-
   # Forward 2 matmuls, dq 3, dk/dv 4 per (query, key) pair (2 FLOPs each, per d).
   unit = cost.attention_flops // 2
   for spec in FLAGS.fwd:
-    s = sizes(spec)
+    s = ap.BlockSizes.from_spec(spec)
     fn = lambda q, k, v, ids, s=s: ap._forward(q, k, v, ids, bs, qt, scale, s, False)
     report("fwd", spec, fn, (q, k, v, ids), 2 * unit)
   common = (q5, k, v, ids, do5, lse4, delta)
   for spec in FLAGS.dq:
-    s = sizes(spec)
+    s = ap.BlockSizes.from_spec(spec)
     fn = lambda *a, s=s: ap._backward_dq(*a, bs, qt, scale, s, False)
     report("dq", spec, fn, common, 3 * unit)
   for spec in FLAGS.dkv:
-    s = sizes(spec)
+    s = ap.BlockSizes.from_spec(spec)
     fn = lambda *a, s=s: ap._backward_dkv(*a, bs, qt, scale, s, False)
     report("dkv", spec, fn, common, 4 * unit)
   build = lambda ids: index.transpose_block_lists(

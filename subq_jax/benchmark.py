@@ -193,18 +193,7 @@ def run_jax_rows(
   variant_sizes = {"default": attention_pallas.BlockSizes.get_default()}
   for spec in variants:
     name, value = spec.split("=")
-    bm, warps, stages = (int(x) for x in value.split("/"))
-    variant_sizes[name] = attention_pallas.BlockSizes(
-      block_m=bm,
-      block_m_dq=bm,
-      block_m_dkv=bm,
-      num_warps=warps,
-      num_stages=stages,
-      num_warps_dq=warps,
-      num_stages_dq=stages,
-      num_warps_dkv=warps,
-      num_stages_dkv=stages,
-    )
+    variant_sizes[name] = attention_pallas.BlockSizes.from_spec(value)
 
   for t in seq_lens:
     q, k, v, do = make_qkv(t)

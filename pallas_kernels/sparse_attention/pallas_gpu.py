@@ -74,6 +74,15 @@ class BlockSizes:
     tokens, 8,192 keys per query (experiments/tune_sparse_attention.py)."""
     return cls()
 
+  @classmethod
+  def from_spec(cls, spec: str) -> BlockSizes:
+    """One tiling for all three kernels from `block_m/num_warps/num_stages[/c<chunk>][/h]`
+    (c: `dkv_chunk`; h: `split_heads_over_4gib`), as the tuning scripts take it."""
+    m, w, s, *extra = spec.split("/")
+    m, w, s = int(m), int(w), int(s)
+    chunk = next((int(x[1:]) for x in extra if x.startswith("c")), 0)
+    return cls(m, m, m, w, s, w, s, w, s, dkv_chunk=chunk, split_heads_over_4gib="h" in extra)
+
 
 # Pallas Triton switches to 64-bit pointer arithmetic for an operand over 4 GiB; in a
 # kernel's inner loop that costs registers and time (the dk/dv pass at 1M tokens, whose
