@@ -212,7 +212,11 @@ class Attention(nnx.Module):
       self.idx_k = _dense(cfg.d_model, a.indexer_dim, cfg, rngs)
       self.idx_w = _dense(cfg.d_model, a.indexer_heads, cfg, rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, inv_freq, scale, return_info):
+  def project(self, x_BxTxD, positions_BxT, inv_freq):
+    """(q, k, v) with RoPE applied and the routing inputs (`ssa_attention` kwargs).
+
+    Shared by the full forward and the KV-cache decoder (`subq_jax.decode`).
+    """
     cfg, a = self.cfg, self.attn_cfg
     b, t, _ = x_BxTxD.shape
     hd = cfg.dim_per_head
@@ -230,6 +234,12 @@ class Attention(nnx.Module):
       kwargs["routing_q"], kwargs["routing_k"] = q, k
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
+    return q, k, v, kwargs
+
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, scale, return_info):
+    cfg, a = self.cfg, self.attn_cfg
+    b, t, _ = x_BxTxD.shape
+    q, k, v, kwargs = self.project(x_BxTxD, positions_BxT, inv_freq)
     res = attend(
       q,
       k,
@@ -241,7 +251,7 @@ class Attention(nnx.Module):
       **kwargs,
     )
     out, info = res if return_info else (res, None)
-    return self.wo(out.reshape(b, t, cfg.num_heads * hd)), info
+    return self.wo(out.reshape(b, t, cfg.num_heads * cfg.dim_per_head)), info
 
 
 class MLP(nnx.Module):
@@ -293,16 +303,7 @@ class Transformer(nnx.Module):
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq = yarn_inv_freq(
-      cfg.dim_per_head,
-      cfg.rope_theta,
-      cfg.rope_scale,
-      cfg.rope_original_length,
-      cfg.yarn_beta_fast,
-      cfg.yarn_beta_slow,
-    )
-    mscale = yarn_mscale(cfg.rope_scale) if cfg.yarn_temperature else 1.0
-    scale = mscale**2 / math.sqrt(cfg.dim_per_head)
+    inv_freq, scale = self.rope_tables()
     x = self.embed(tokens_BxT)
     infos = []
     policy = REMAT_POLICIES[cfg.remat]
@@ -316,14 +317,32 @@ class Transformer(nnx.Module):
       else:
         x, info = block(x, positions_BxT, inv_freq, scale, return_info)
       infos.append(info)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
+    logits = self.head(x)
+    return (logits, infos) if return_info else logits
+
+  def rope_tables(self) -> tuple[jax.Array, float]:
+    """(RoPE inverse frequencies, softmax scale with YaRN's temperature) of this config."""
+    cfg = self.cfg
+    inv_freq = yarn_inv_freq(
+      cfg.dim_per_head,
+      cfg.rope_theta,
+      cfg.rope_scale,
+      cfg.rope_original_length,
+      cfg.yarn_beta_fast,
+      cfg.yarn_beta_slow,
+    )
+    mscale = yarn_mscale(cfg.rope_scale) if cfg.yarn_temperature else 1.0
+    return inv_freq, mscale**2 / math.sqrt(cfg.dim_per_head)
+
+  def head(self, x_BxTxD) -> jax.Array:
+    """Final norm and output projection: float32 logits."""
+    x = self.final_norm(x_BxTxD)
+    if self.cfg.tie_embeddings:
       # Embeddings are N(0, 1); 1/sqrt(d) keeps the initial logits O(1).
-      logits = self.embed.attend(x) / math.sqrt(cfg.d_model)
+      logits = self.embed.attend(x) / math.sqrt(self.cfg.d_model)
     else:
       logits = self.unembed(x)
-    logits = logits.astype(jnp.float32)
-    return (logits, infos) if return_info else logits
+    return logits.astype(jnp.float32)
 
 
 def count_params(model: nnx.Module) -> int:
