@@ -58,6 +58,13 @@ flags.DEFINE_float("long_s", 2.0, "a first sample longer than this is taken alon
 flags.DEFINE_string("max_dense", "1M", "longest T for dense_cudnn and fa2_torch forward")
 flags.DEFINE_string("max_dense_fwdbwd", "512K", "longest T for dense fwdbwd rows")
 flags.DEFINE_string("max_fa2", "", "longest T for fa2_torch rows (default: as dense)")
+flags.DEFINE_string("max_fa2_fwdbwd", "", "longest T for fa2_torch fwdbwd (default: as fwd)")
+flags.DEFINE_list(
+  "add_rows",
+  [],
+  "JSON files of earlier runs (same device) whose rows join this run's table and targets "
+  "(e.g. dense rows at 1M measured on their own); each such row records its file",
+)
 flags.DEFINE_string("max_quadratic", "32K", "longest T for block_topk and indexer (xla paths)")
 flags.DEFINE_list(
   "variants",
@@ -180,12 +187,10 @@ def main(argv):
   # Torch first, in its own process, before JAX takes the GPU memory.
   fa2_rows, torch_info = [], None
   if "fa2_torch" in FLAGS.rows:
-    cap = flops.parse_tokens(FLAGS.max_fa2) if FLAGS.max_fa2 else None
+    cap = flops.parse_tokens(FLAGS.max_fa2) if FLAGS.max_fa2 else max_dense
+    cap_bwd = flops.parse_tokens(FLAGS.max_fa2_fwdbwd) if FLAGS.max_fa2_fwdbwd else cap
     fa2_rows, torch_info = run_fa2_child(
-      seq_lens,
-      FLAGS.modes,
-      min(max_dense, cap or max_dense),
-      min(max_dense_fwdbwd, cap or max_dense),
+      seq_lens, FLAGS.modes, min(max_dense, cap), min(max_dense_fwdbwd, cap_bwd)
     )
 
   import jax
@@ -214,6 +219,15 @@ def main(argv):
     check=FLAGS.check,
   )
   results["rows"] += [dict(r, seq_len=r.get("seq_len")) for r in fa2_rows]
+  for path in FLAGS.add_rows:
+    with open(path) as f:
+      earlier = json.load(f)
+    have = {(r["row"], r.get("seq_len"), r.get("mode")) for r in results["rows"] if "time_s" in r}
+    results["rows"] += [
+      dict(r, added_from=path)
+      for r in earlier["rows"]
+      if "time_s" in r and (r["row"], r.get("seq_len"), r.get("mode")) not in have
+    ]
   bench_lib.add_flops(results["rows"])
   device = jax.devices()[0]
   results["meta"] = dict(
@@ -223,7 +237,23 @@ def main(argv):
     python=platform.python_version(),
     torch=torch_info,
     heads=HEADS,
-    flags={f: getattr(FLAGS, f) for f in ("seq_lens", "rows", "modes", "repeats", "warmup")},
+    flags={
+      f: getattr(FLAGS, f)
+      for f in (
+        "seq_lens",
+        "rows",
+        "modes",
+        "repeats",
+        "warmup",
+        "long_s",
+        "max_dense",
+        "max_dense_fwdbwd",
+        "max_fa2",
+        "max_fa2_fwdbwd",
+        "max_quadratic",
+        "add_rows",
+      )
+    },  # fmt: skip
     date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
   )
   table = bench_lib.format_table(results)

@@ -5,7 +5,11 @@ block list (`subq_jax.benchmark.synthetic_selection`). Prints one line per
 (kernel, tiling); pick the defaults of `pallas_gpu.BlockSizes` from it.
 
   python -m experiments.tune_sparse_attention --seq_len=1M \
-      --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2,64/4/2/c256,64/4/2/c256/h
+      --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2/u0,64/4/2,64/4/2/c1024/h
+
+Tiling specs: `block_m/num_warps/num_stages[/c<dkv_chunk>][/u<dkv_unroll>][/h]`
+(`pallas_gpu.BlockSizes.from_spec`). It also prints the lengths of the dk/dv pass's CSR
+rows (tiles listing each block), whose spread decides how much segmenting can gain.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("seq_len", "1M", "T")
 flags.DEFINE_list("fwd", ["64/4/2", "128/8/2"], "forward tilings: block_m/num_warps/num_stages")
 flags.DEFINE_list("dq", ["64/4/2", "128/8/2"], "dq tilings")
-flags.DEFINE_list("dkv", ["64/4/2", "64/4/2/c256", "64/4/2/c256/h"], "dk/dv tilings (see `sizes`)")
+flags.DEFINE_list(
+  "dkv", ["64/4/2/u0", "64/4/2", "64/4/2/c1024/h"], "dk/dv tilings (see the docstring)"
+)
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
@@ -30,6 +36,7 @@ def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
+  import numpy as np
 
   from pallas_kernels.sparse_attention import index
   from pallas_kernels.sparse_attention import pallas_gpu as ap
@@ -57,6 +64,23 @@ def main(argv):
   del out, lse
   cost = flops.cost(t, benchmark.HEADS, config)
   results = []
+  _, meta = jax.jit(
+    lambda ids: index.transpose_block_lists(ids, num_blocks=t // bs, block_size=bs, query_tile=qt)
+  )(ids)
+  lengths = np.asarray(meta[..., 2] - meta[..., 0]).reshape(-1)
+  stats = dict(
+    kernel="csr_rows",
+    seq_len=t,
+    entries=int(lengths.sum()),
+    mean=float(lengths.mean()),
+    p50=float(np.percentile(lengths, 50)),
+    p99=float(np.percentile(lengths, 99)),
+    max=int(lengths.max()),
+    sink_share=float(lengths[:: t // bs].sum() / lengths.sum()),
+  )
+  print(f"csr rows: {stats}", flush=True)
+  results.append(stats)
+  del meta
 
   def report(kernel, spec, fn, args, n_flops):
     try:

@@ -330,10 +330,14 @@ def format_table(results: dict) -> str:
         vs_d = f"{dense['time_s'] / r['time_s']:8.1f}x" if dense else f"{'':>9}"
         vs_f = f"{fa2['time_s'] / r['time_s']:7.1f}x" if fa2 else f"{'':>8}"
         peak = f"{r['peak_gib']:9.1f}" if r.get("peak_gib") is not None else f"{'':>9}"
+        name = r["row"] + ("*" if r.get("added_from") else "")
         lines.append(
-          f"{format_tokens(t):>5} {mode:<6} {r['row']:<28} {r['time_s'] * 1e3:11.2f} {vs_d} {vs_f} "
+          f"{format_tokens(t):>5} {mode:<6} {name:<28} {r['time_s'] * 1e3:11.2f} {vs_d} {vs_f} "
           f"{r.get('tflops', math.nan):8.1f} {peak}"
         )
+  added = sorted({r["added_from"] for r in rows if r.get("added_from")})
+  if added:
+    lines.append(f"* measured in a separate run on the same device: {', '.join(added)}")
   lines += ["", "targets (largest T with both rows):"] + _targets(results)
   return "\n".join(lines)
 

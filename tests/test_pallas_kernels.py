@@ -30,20 +30,28 @@ def _rel_err(x, ref):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _random_block_ids(rng, b, hkv, num_tiles, slots, block_size, query_tile, num_blocks):
+def _random_block_ids(
+  rng, b, hkv, num_tiles, slots, block_size, query_tile, num_blocks, structured=False
+):
   """Each tile: usually its own block, distinct random other blocks (some after the tile,
   which must contribute nothing), -1 slots; shuffled (the kernel may not rely on order).
   Some tiles lack their own block (a shard's partial list) and some list nothing: their
-  queries may see no key at all (out = 0, lse = -inf)."""
+  queries may see no key at all (out = 0, lse = -inf). `structured`: as SSA lists them,
+  every tile lists the sink block 0, the block before its own and its own (the sink's
+  CSR row is as long as the sequence has tiles), random blocks in the other slots."""
   ids = np.full((b, hkv, num_tiles, slots), -1, np.int32)
   for bi in range(b):
     for hi in range(hkv):
       for t in range(num_tiles):
         own = t * query_tile // block_size
-        others = [j for j in range(num_blocks) if j != own]
-        n = rng.integers(0, min(slots - 1, len(others)) + 1)
+        fixed = sorted({0, max(own - 1, 0), own}) if structured else []
+        others = [j for j in range(num_blocks) if j != own and j not in fixed]
+        room = slots - len(fixed) if structured else slots - 1
+        n = rng.integers(0, min(room, len(others)) + 1)
         row = list(rng.choice(others, size=n, replace=False)) if n else []
-        if rng.random() < 0.8:
+        if structured:
+          row += fixed
+        elif rng.random() < 0.8:
           row.append(own)
         row = np.array(row + [-1] * (slots - len(row)), np.int32)
         ids[bi, hi, t] = rng.permutation(row)
@@ -63,17 +71,32 @@ def _pad_seq(x, multiple, fill):
 
 
 ATTENTION_CASES = [
-  # (seq_len, q_heads, kv_heads, head_dim, block_size, query_tile, dtype, block_m, dkv_chunk,
-  #  by_head); dkv_chunk > 0 splits each block's tiles into chunks with f32 partial sums,
-  # by_head runs the passes one KV head at a time (as for operands over 4 GiB).
+  # (seq_len, q_heads, kv_heads, head_dim, block_size, query_tile, dtype, block_m, opts,
+  #  structured): opts are BlockSizes fields: dkv_chunk > 0 splits each block's CSR row
+  # into segments (f32 partial sums for the blocks with several), split_heads_over_4gib
+  # runs the passes one KV head at a time (as for operands over 4 GiB), dkv_unroll chunks
+  # per dk/dv loop step, fwd_blocks_per_step KV blocks per forward softmax step.
+  # structured: SSA-like lists (sink, local and own block in every tile's list).
   pytest.param(
-    100, 2, 2, 64, 32, 16, jnp.float32, 64, 2, True, id="gqa1-d64-f32-padded-chunk2-byhead"
+    100, 2, 2, 64, 32, 16, jnp.float32, 64,
+    dict(dkv_chunk=2, split_heads_over_4gib=True, fwd_blocks_per_step=2), False,
+    id="gqa1-d64-f32-padded-chunk2-byhead-fwd2",
   ),
-  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, 0, False, id="gqa4-d128-bf16"),
+  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, dict(dkv_unroll=0), False,
+               id="gqa4-d128-bf16-unroll-tile"),
   pytest.param(
-    60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, 1, False, id="gqa8-d64-bf16-padded-split-chunk1"
+    60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, dict(dkv_chunk=1), False,
+    id="gqa8-d64-bf16-padded-split-chunk1",
   ),
-]
+  # Sink-heavy: 32 tiles list block 0 (rows of 32 entries cut into segments of 5), the
+  # last segment of a row shorter than the rest; the diagonal tiles of a block in
+  # different segments than its later tiles.
+  pytest.param(
+    128, 8, 2, 64, 8, 4, jnp.bfloat16, 8,
+    dict(dkv_chunk=5, dkv_unroll=1, fwd_blocks_per_step=2), True,
+    id="gqa4-d64-bf16-sink-chunk5-fwd2",
+  ),
+]  # fmt: skip
 
 
 class PallasKernelsTest:
@@ -89,11 +112,13 @@ class PallasKernelsTest:
       return RTOL_GPU_F32
     return RTOL[dtype]
 
-  @pytest.mark.parametrize("t, hq, hkv, d, bs, qt, dtype, block_m, chunk, by_head", ATTENTION_CASES)
+  @pytest.mark.parametrize(
+    "t, hq, hkv, d, bs, qt, dtype, block_m, opts, structured", ATTENTION_CASES
+  )
   def test_sparse_attention(
-    self, t, hq, hkv, d, bs, qt, dtype, block_m, chunk, by_head, monkeypatch
+    self, t, hq, hkv, d, bs, qt, dtype, block_m, opts, structured, monkeypatch
   ):
-    if by_head:
+    if opts.get("split_heads_over_4gib"):
       monkeypatch.setattr(attention_pallas, "_INT32_BYTES", 0)
     rng = np.random.default_rng([t, hq, hkv, d])
     b = 2 if hkv == 1 else 1
@@ -105,13 +130,9 @@ class PallasKernelsTest:
     qp, kp, vp = (_pad_seq(x, bs, 30.0) for x in (q, k, v))
     tp = qp.shape[1]
     slots = 4
-    ids = _random_block_ids(rng, b, hkv, tp // qt, slots, bs, qt, tp // bs)
+    ids = _random_block_ids(rng, b, hkv, tp // qt, slots, bs, qt, tp // bs, structured)
     sizes = attention_pallas.BlockSizes(
-      block_m=block_m,
-      block_m_dq=block_m,
-      block_m_dkv=block_m,
-      dkv_chunk=chunk,
-      split_heads_over_4gib=by_head,
+      block_m=block_m, block_m_dq=block_m, block_m_dkv=block_m, **opts
     )
     kw = dict(block_size=bs, query_tile=qt, scale=d**-0.5)
     w_out = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
@@ -178,22 +199,38 @@ class PallasKernelsTest:
           want = [t for t in range(num_tiles) if j in ids[bi, hi, t] and j <= t * qt // bs]
           assert tiles_sorted[bi, hi, start:end].tolist() == want
           assert diag_end - start == sum(t * qt // bs == j for t in want)
-    # Chunks of at most 2 entries cover every CSR row exactly, in order.
-    chunks = np.asarray(
-      index.chunk_block_lists(jnp.asarray(meta), entries=tiles_sorted.shape[-1], chunk=2)
+    # Segments of at most 2 entries cover every CSR row exactly, in order; a block with
+    # one segment writes directly, the others own distinct partial slots of one group.
+    entries = tiles_sorted.shape[-1]
+    seg, slot_group, group_block = (
+      np.asarray(x)
+      for x in index.segment_block_lists(jnp.asarray(meta), entries=entries, segment=2)
     )
+    num_slots = slot_group.shape[-1]
+    assert seg.shape[2] == num_blocks + entries // 2 and num_slots == entries
     for bi in range(b):
       for hi in range(hkv):
         for j in range(num_blocks):
           start, diag_end, end, _ = meta[bi, hi, j].tolist()
-          mine = chunks[bi, hi][chunks[bi, hi, :, 3] == j]
-          assert all(c_end - c_start <= 2 for c_start, _, c_end, _ in mine)
-          covered = [e for c_start, _, c_end, _ in mine for e in range(c_start, c_end)]
+          mine = seg[bi, hi][seg[bi, hi, :, 3] == j]
+          assert len(mine) == max(1, -(-(end - start) // 2))
+          assert all(c_end - c_start <= 2 for c_start, _, c_end, _, _ in mine)
+          covered = [e for c_start, _, c_end, _, _ in mine for e in range(c_start, c_end)]
           assert covered == list(range(start, end))
-          masked = [e for c_start, c_diag, _, _ in mine for e in range(c_start, c_diag)]
+          masked = [e for c_start, c_diag, _, _, _ in mine for e in range(c_start, c_diag)]
           assert masked == list(range(start, diag_end))
-        unused = chunks[bi, hi][chunks[bi, hi, :, 3] == num_blocks]
-        assert np.all(unused[:, :3] == 0)
+          slots = mine[:, 4]
+          if len(mine) == 1:
+            assert slots.tolist() == [-1]
+          else:
+            assert np.all(slots >= 0) and len(set(slots.tolist())) == len(slots)
+            groups = set(slot_group[bi, hi, slots].tolist())
+            assert len(groups) == 1 and group_block[bi, hi, groups.pop()] == j
+        unused = seg[bi, hi][seg[bi, hi, :, 3] == num_blocks]
+        assert np.all(unused[:, :3] == 0) and np.all(unused[:, 4] == -1)
+        used_slots = seg[bi, hi, :, 4][seg[bi, hi, :, 4] >= 0]
+        free = np.setdiff1d(np.arange(num_slots), used_slots)
+        assert np.all(slot_group[bi, hi, free] == num_slots)
 
   @pytest.mark.parametrize(
     "r, d, c, dtype",

@@ -7,6 +7,8 @@ Kept out of the kernel bodies (as splash attention keeps its mask info apart):
   tile's own block (the only one that needs a causal mask) is its last valid entry.
 - `transpose_block_lists`: the transposed (CSR) index of which tiles listed each
   block, for the key-centric dk/dv pass.
+- `segment_block_lists`: that index cut into bounded segments (one dk/dv program each)
+  with compact slots for the partial sums of long rows.
 
 Both cost O(tiles * slots) memory and a sort of that many entries: linear in T.
 """
@@ -87,40 +89,71 @@ def transpose_block_lists(
   return tiles_sorted, meta
 
 
-def chunk_block_lists(meta: jax.Array, *, entries: int, chunk: int) -> jax.Array:
-  """Split every CSR row into chunks of at most `chunk` entries (load balance).
+def segment_block_lists(
+  meta: jax.Array, *, entries: int, segment: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Split every CSR row into segments of at most `segment` entries (load balance).
 
-  A block listed by many tiles (a sink block is listed by every tile) would otherwise
-  be one program's serial loop, the critical path of the whole pass.
+  A block listed by many tiles (a sink block is listed by every tile; a popular routed
+  block by thousands) would otherwise be one program's serial loop. Every block keeps
+  at least one segment (a block nobody listed gets dk = dv = 0 from it). A block with one
+  segment has its dk/dv written directly; the segments of a block with several write f32
+  partial sums to compact slots, added afterwards: the partial buffer is bounded by
+  2 * entries / segment slots (a row of n > segment entries has < 2n / segment segments),
+  so it stays small against dk/dv for long segments.
 
   Args:
     meta: [batch, kv_heads, num_blocks, 4] from `transpose_block_lists`.
     entries: length of the CSR entry axis (tiles * slots).
-    chunk: most entries per chunk.
+    segment: most entries per segment; 0 = one segment per block, no partials.
 
   Returns:
-    int32 [batch, kv_heads, num_chunks, 4]: (start, diag_end, end, block) per chunk,
-    ordered by block; num_chunks = num_blocks + entries // chunk + 1 is a static bound,
-    unused chunks are (0, 0, 0, num_blocks).
+    seg_meta: int32 [batch, kv_heads, num_items, 5]: (start, diag_end, end, block, slot)
+      per segment, ordered by block (the long rows of early blocks, the sink first, are
+      scheduled first); slot = -1 for a block's only segment, else its partial slot;
+      num_items = num_blocks + entries // segment is a static bound, unused items are
+      (0, 0, 0, num_blocks, -1).
+    slot_group: int32 [batch, kv_heads, num_slots]: the group (a block with several
+      segments, numbered in order) each slot adds into; num_slots for an unused slot.
+    group_block: int32 [batch, kv_heads, num_slots]: the block of each group;
+      num_blocks for an unused group.
   """
   b, h, num_blocks, _ = meta.shape
   start, diag_end, end = meta[..., 0], meta[..., 1], meta[..., 2]
-  per_block = (end - start + chunk - 1) // chunk  # 0 for a block nobody listed
-  first = jnp.cumsum(per_block, axis=-1) - per_block  # first chunk of each block
-  num_chunks = num_blocks + entries // chunk + 1
-  u = jnp.arange(num_chunks, dtype=jnp.int32)
-  # The block of chunk u: the last block whose first chunk is <= u. A block nobody
-  # listed shares its `first` with the next listed block, which is the later one.
+  if not segment:
+    slot = jnp.full((b, h, num_blocks, 1), -1, jnp.int32)
+    none = jnp.ones((b, h, 1), jnp.int32)
+    return jnp.concatenate([meta, slot], axis=-1), none, none * num_blocks
+  per_block = jnp.maximum((end - start + segment - 1) // segment, 1)
+  first = jnp.cumsum(per_block, axis=-1) - per_block  # first segment of each block
+  multi = per_block > 1
+  slots_of = jnp.where(multi, per_block, 0)
+  first_slot = jnp.cumsum(slots_of, axis=-1) - slots_of
+  rank = (jnp.cumsum(multi, axis=-1) - multi).astype(jnp.int32)  # group of a multi block
+  num_items = num_blocks + entries // segment
+  num_slots = max(1, 2 * entries // segment)
+  u = jnp.arange(num_items, dtype=jnp.int32)
+  # The block of segment u: the last block whose first segment is <= u (firsts are
+  # strictly increasing: every block has a segment).
   search = lambda f: jnp.searchsorted(f, u, side="right")
-  block = jax.vmap(jax.vmap(search))(first)
-  block = (block - 1).astype(jnp.int32)
-  total = jnp.sum(per_block, axis=-1, keepdims=True)
-  used = u[None, None, :] < total
-  safe = jnp.clip(block, 0, num_blocks - 1)
-  take = lambda x: jnp.take_along_axis(x, safe, axis=-1)
-  c_start = take(start) + (u[None, None, :] - take(first)) * chunk
-  c_end = jnp.minimum(c_start + chunk, take(end))
-  c_diag = jnp.clip(take(diag_end), c_start, c_end)
-  chunk_meta = jnp.stack([c_start, c_diag, c_end, block], axis=-1)
-  unused = jnp.array([0, 0, 0, num_blocks], jnp.int32)
-  return jnp.where(used[..., None], chunk_meta, unused).astype(jnp.int32)
+  block = (jax.vmap(jax.vmap(search))(first) - 1).astype(jnp.int32)
+  used = u[None, None, :] < jnp.sum(per_block, axis=-1, keepdims=True)
+  take = lambda x: jnp.take_along_axis(x, block, axis=-1)
+  offset = u[None, None, :] - take(first)
+  s_start = take(start) + offset * segment
+  s_end = jnp.minimum(s_start + segment, take(end))
+  s_diag = jnp.clip(take(diag_end), s_start, s_end)
+  slot = jnp.where(take(multi), take(first_slot) + offset, -1)
+  seg_meta = jnp.stack([s_start, s_diag, s_end, block, slot], axis=-1)
+  unused = jnp.array([0, 0, 0, num_blocks, -1], jnp.int32)
+  seg_meta = jnp.where(used[..., None], seg_meta, unused).astype(jnp.int32)
+  bi = jnp.arange(b)[:, None, None]
+  hi = jnp.arange(h)[None, :, None]
+  target = jnp.where(used & (slot >= 0), slot, num_slots)
+  slot_group = jnp.full((b, h, num_slots), num_slots, jnp.int32)
+  slot_group = slot_group.at[bi, hi, target].set(take(rank), mode="drop")
+  group_target = jnp.where(multi, rank, num_slots)
+  blocks = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (b, h, num_blocks))
+  group_block = jnp.full((b, h, num_slots), num_blocks, jnp.int32)
+  group_block = group_block.at[bi, hi, group_target].set(blocks, mode="drop")
+  return seg_meta, slot_group, group_block

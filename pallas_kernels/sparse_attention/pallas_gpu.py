@@ -47,12 +47,19 @@ class BlockSizes:
     block_m_dq: rows per dq program.
     block_m_dkv: rows per step of a dk/dv program's loop over the tiles of a block.
     num_warps, num_stages: forward launch parameters; *_dq and *_dkv for the backward.
+    fwd_blocks_per_step: KV blocks per step of the forward's online softmax (one
+      rescale of the accumulator per step).
+    dkv_unroll: chunks of block_m_dkv rows per step of the dk/dv loop (0: a whole tile
+      per step). Each chunk's q and dout are separate loads that the software pipeline
+      buffers, so a whole tile per step takes so much shared memory that one program
+      fills a multiprocessor.
     dkv_chunk: 0: one dk/dv program per block loops over every tile that listed it;
-      > 0: a block's tiles are split into programs of at most this many tiles whose
-      f32 partial sums are added in XLA (load balance: a sink block is listed by every
-      tile, and its single program is otherwise the critical path).
+      > 0: a block's CSR row is split into segments of at most this many tiles, one
+      program each (load balance: a sink block is listed by every tile); the segments
+      of a block with several write f32 partial sums to compact slots (at most 2 x
+      entries / dkv_chunk of them), added in XLA.
     split_heads_over_4gib: run a pass one KV head at a time when an operand its inner
-      loop reads is over 4 GiB (Pallas Triton then uses 64-bit pointers). Worth it
+      loop reads is over 4 GiB (Pallas Triton then computes 64-bit offsets). Worth it
       only with `dkv_chunk` > 0: per head, one sink program is a larger share.
   """
 
@@ -65,6 +72,8 @@ class BlockSizes:
   num_stages_dq: int = 2
   num_warps_dkv: int = 4
   num_stages_dkv: int = 2
+  fwd_blocks_per_step: int = 1
+  dkv_unroll: int = 1
   dkv_chunk: int = 0
   split_heads_over_4gib: bool = False
 
@@ -76,12 +85,20 @@ class BlockSizes:
 
   @classmethod
   def from_spec(cls, spec: str) -> BlockSizes:
-    """One tiling for all three kernels from `block_m/num_warps/num_stages[/c<chunk>][/h]`
-    (c: `dkv_chunk`; h: `split_heads_over_4gib`), as the tuning scripts take it."""
+    """One tiling for all three kernels from
+    `block_m/num_warps/num_stages[/k<blocks>][/c<chunk>][/u<unroll>][/h]` (k:
+    `fwd_blocks_per_step`; c: `dkv_chunk`; u: `dkv_unroll`, default 1; h:
+    `split_heads_over_4gib`), as the tuning scripts take it."""
     m, w, s, *extra = spec.split("/")
     m, w, s = int(m), int(w), int(s)
-    chunk = next((int(x[1:]) for x in extra if x.startswith("c")), 0)
-    return cls(m, m, m, w, s, w, s, w, s, dkv_chunk=chunk, split_heads_over_4gib="h" in extra)
+    opt = lambda p, default: next((int(x[1:]) for x in extra if x.startswith(p)), default)
+    return cls(
+      m, m, m, w, s, w, s, w, s,
+      fwd_blocks_per_step=opt("k", 1),
+      dkv_unroll=opt("u", 1),
+      dkv_chunk=opt("c", 0),
+      split_heads_over_4gib="h" in extra,
+    )  # fmt: skip
 
 
 # Pallas Triton switches to 64-bit pointer arithmetic for an operand over 4 GiB; in a
@@ -133,7 +150,9 @@ def _mask(s, q_pos, k_pos):
   return jnp.where(k_pos <= q_pos, s, MASK_VALUE)
 
 
-def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale):
+def _fwd_kernel(
+  ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale, blocks_per_step
+):
   """One chunk of qm queries x G heads against its tile's compacted block list."""
   d = q_ref.shape[-1]
   rows = qm * g
@@ -144,20 +163,26 @@ def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm,
   num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
 
   # m and l (see the FlashAttention paper) are the running max (base 2) and sum of
-  # the row's exponentials; acc is the unnormalised output.
-  def step(i, carry, masked):
+  # the row's exponentials; acc is the unnormalised output. One step takes n blocks
+  # (entries i .. i + n - 1 of the list) with one rescale of acc.
+  def step(i, carry, masked, n=1):
     acc, m, l_sum = carry
-    start = pl.multiple_of(jnp.maximum(ids_ref[i], 0) * block_size, block_size)
-    k = k_ref[pl.ds(start, block_size), :]
-    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
-    if masked:
-      s = _mask(s, q_pos, start + k_off)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    starts = [
+      pl.multiple_of(jnp.maximum(ids_ref[i + u], 0) * block_size, block_size) for u in range(n)
+    ]
+    s = []
+    for start in starts:
+      s_u = _dot(q, k_ref[pl.ds(start, block_size), :], trans_b=True) * (scale * LOG2E)
+      s.append(_mask(s_u, q_pos, start + k_off) if masked else s_u)
+    m_new = functools.reduce(jnp.maximum, [jnp.max(s_u, axis=1) for s_u in s], m)
     alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_sum = l_sum * alpha + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, block_size), :]
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None]
+    l_sum = l_sum * alpha
+    for start, s_u in zip(starts, s, strict=True):
+      p = jnp.exp2(s_u - m_new[:, None])
+      l_sum = l_sum + jnp.sum(p, axis=1)
+      v = v_ref[pl.ds(start, block_size), :]
+      acc = acc + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_sum
 
   carry = (
@@ -166,8 +191,14 @@ def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm,
     jnp.zeros((rows,), jnp.float32),
   )
   # Blocks before the tile's own block are fully visible; the own block comes last.
-  carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
-  acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
+  visible = jnp.maximum(num_valid - 1, 0)
+  n = blocks_per_step
+  first = visible % n  # taken one at a time, then n per step
+  carry = jax.lax.fori_loop(0, first, functools.partial(step, masked=False), carry)
+  carry = jax.lax.fori_loop(
+    0, visible // n, lambda i, c: step(first + i * n, c, masked=False, n=n), carry
+  )
+  acc, m, l_sum = step(visible, carry, masked=True)
   # A tile with no valid block (a partial list, e.g. one shard's share) sees no key:
   # out = 0 and lse = -inf, so that partial results merge by lse.
   empty = num_valid == 0
@@ -219,40 +250,42 @@ def _dkv_kernel(
   delta_ref,
   dk_ref,
   dv_ref,
+  pdk_ref,
+  pdv_ref,
   *,
   block_size,
   query_tile,
   qm,
   g,
   scale,
-  chunked,
+  unroll,
 ):
-  """dk, dv of one KV block, a loop over (a chunk of) the tiles that listed it (CSR).
+  """dk, dv of one KV block from one segment of the tiles that listed it (CSR).
 
-  meta_ref holds (start, diag_end, end, block). Unchunked, k_ref and v_ref are the
-  block and the outputs are dk and dv; chunked, they are the whole sequence and the
-  outputs are f32 partial sums of the chunk.
+  meta_ref holds (start, diag_end, end, block, slot). The loop walks the segment's
+  tiles in chunks of qm queries x G heads, `unroll` chunks per step. A block's only
+  segment (slot < 0) writes dk and dv; a segment of a block with several writes f32
+  partial sums to its slot of pdk/pdv; an unused segment (block = num_blocks) writes
+  nothing.
   """
   d = k_ref.shape[-1]
   rows = qm * g
-  start, diag_end, end, block = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
-  if chunked:  # unused chunks (block = num_blocks) have no entries; any block will do
-    block = jnp.minimum(block, k_ref.shape[0] // block_size - 1)
-    k_first = pl.multiple_of(block * block_size, block_size)
-    k = k_ref[pl.ds(k_first, block_size), :]
-    v = v_ref[pl.ds(k_first, block_size), :]
-  else:
-    k_first = block * block_size
-    k = k_ref[...]
-    v = v_ref[...]
+  num_blocks = k_ref.shape[0] // block_size
+  start, diag_end, end = meta_ref[0], meta_ref[1], meta_ref[2]
+  block, slot = meta_ref[3], meta_ref[4]
+  k_first = pl.multiple_of(jnp.minimum(block, num_blocks - 1) * block_size, block_size)
+  k = k_ref[pl.ds(k_first, block_size), :]
+  v = v_ref[pl.ds(k_first, block_size), :]
   k_pos = (k_first + jnp.arange(block_size, dtype=jnp.int32))[:, None]
   row_query = (jnp.arange(rows, dtype=jnp.int32) // g)[None, :]
+  steps_per_tile = query_tile // (qm * unroll)
 
-  def step(e, carry, masked):
+  def step(n, carry, masked):
     dk, dv = carry
-    tile = tiles_ref[e]
-    for c in range(query_tile // qm):
-      q_first = tile * query_tile + c * qm
+    tile = tiles_ref[n // steps_per_tile]
+    first_chunk = (n % steps_per_tile) * unroll
+    for u in range(unroll):
+      q_first = pl.multiple_of(tile * query_tile + (first_chunk + u) * qm, qm)
       q = q_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
       do = do_ref[pl.ds(q_first, qm), :, :].reshape(rows, d)
       lse2 = _safe_lse2(lse_ref[pl.ds(q_first, qm), :].reshape(rows))
@@ -270,10 +303,24 @@ def _dkv_kernel(
 
   carry = (jnp.zeros((block_size, d), jnp.float32), jnp.zeros((block_size, d), jnp.float32))
   # Tiles inside the block (causal mask) come first in the CSR row, later tiles after.
-  carry = jax.lax.fori_loop(start, diag_end, functools.partial(step, masked=True), carry)
-  dk, dv = jax.lax.fori_loop(diag_end, end, functools.partial(step, masked=False), carry)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  masked_end = diag_end * steps_per_tile
+  carry = jax.lax.fori_loop(
+    start * steps_per_tile, masked_end, functools.partial(step, masked=True), carry
+  )
+  dk, dv = jax.lax.fori_loop(
+    masked_end, end * steps_per_tile, functools.partial(step, masked=False), carry
+  )
+  dk = dk * scale
+
+  @pl.when((slot < 0) & (block < num_blocks))
+  def _():
+    dk_ref[pl.ds(k_first, block_size), :] = dk.astype(dk_ref.dtype)
+    dv_ref[pl.ds(k_first, block_size), :] = dv.astype(dv_ref.dtype)
+
+  @pl.when(slot >= 0)
+  def _():
+    pdk_ref[slot] = dk
+    pdv_ref[slot] = dv
 
 
 def _check(q, k, v, block_ids, block_size, query_tile):
@@ -299,7 +346,14 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
   qm = _queries_per_program(block_sizes.block_m, g, query_tile)
   per_tile = query_tile // qm
   q5 = q.reshape(b, t, hkv, g, d)
-  kernel = functools.partial(_fwd_kernel, block_size=block_size, qm=qm, g=g, scale=scale)
+  kernel = functools.partial(
+    _fwd_kernel,
+    block_size=block_size,
+    qm=qm,
+    g=g,
+    scale=scale,
+    blocks_per_step=block_sizes.fwd_blocks_per_step,
+  )
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   call = lambda ids, q5, k, v: pl.pallas_call(
@@ -390,31 +444,29 @@ def _backward_dkv(
   """dk and dv, key-centric over the transposed (CSR) index: [b, T, kv_heads, d] each."""
   b, t, hkv, g, d = q5.shape
   num_blocks = t // block_size
-  chunk = block_sizes.dkv_chunk
   tiles_sorted, meta = index.transpose_block_lists(
     ids, num_blocks=num_blocks, block_size=block_size, query_tile=query_tile
   )
   entries = tiles_sorted.shape[-1]
-  if chunk:
-    meta = index.chunk_block_lists(meta, entries=entries, chunk=chunk)
-  num_items = meta.shape[2]
+  seg_meta, slot_group, group_block = index.segment_block_lists(
+    meta, entries=entries, segment=block_sizes.dkv_chunk
+  )
+  num_items, num_slots = seg_meta.shape[2], slot_group.shape[2]
   qm = _queries_per_program(block_sizes.block_m_dkv, g, query_tile)
+  unroll = block_sizes.dkv_unroll or query_tile // qm
+  if (query_tile // qm) % unroll:
+    raise ValueError(f"dkv_unroll={unroll} must divide the {query_tile // qm} chunks of a tile")
   full_rows = pl.BlockSpec((None, t, None, g, d), lambda bi, hi, j: (bi, 0, hi, 0, 0))
   full_stat = pl.BlockSpec((None, t, None, g), lambda bi, hi, j: (bi, 0, hi, 0))
-  if chunk:  # k, v read by block id; f32 partial sums per chunk
-    kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, j: (bi, 0, hi, 0))
-    out_spec = pl.BlockSpec((None, None, None, block_size, d), lambda bi, hi, j: (bi, hi, j, 0, 0))
-  else:
-    kv_spec = pl.BlockSpec((None, block_size, None, d), lambda bi, hi, j: (bi, j, hi, 0))
-    out_spec = kv_spec
+  kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, j: (bi, 0, hi, 0))
+  part_spec = pl.BlockSpec(
+    (None, None, num_slots, block_size, d), lambda bi, hi, j: (bi, hi, 0, 0, 0)
+  )
 
-  def call(meta, tiles_sorted, q5, k, v, do5, lse4, delta):
+  def call(seg_meta, tiles_sorted, slot_group, group_block, q5, k, v, do5, lse4, delta):
     heads = k.shape[2]
-    if chunk:
-      out_shape = jax.ShapeDtypeStruct((b, heads, num_items, block_size, d), jnp.float32)
-    else:
-      out_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
-    dk, dv = pl.pallas_call(
+    part_shape = jax.ShapeDtypeStruct((b, heads, num_slots, block_size, d), jnp.float32)
+    dk, dv, pdk, pdv = pl.pallas_call(
       functools.partial(
         _dkv_kernel,
         block_size=block_size,
@@ -422,11 +474,11 @@ def _backward_dkv(
         qm=qm,
         g=g,
         scale=scale,
-        chunked=bool(chunk),
+        unroll=unroll,
       ),
       grid=(b, heads, num_items),
       in_specs=[
-        pl.BlockSpec((None, None, None, 4), lambda bi, hi, j: (bi, hi, j, 0)),
+        pl.BlockSpec((None, None, None, 5), lambda bi, hi, j: (bi, hi, j, 0)),
         pl.BlockSpec((None, None, entries), lambda bi, hi, j: (bi, hi, 0)),
         full_rows,
         kv_spec,
@@ -435,28 +487,35 @@ def _backward_dkv(
         full_stat,
         full_stat,
       ],
-      out_specs=[out_spec, out_spec],
-      out_shape=[out_shape, out_shape],
+      out_specs=[kv_spec, kv_spec, part_spec, part_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 + [part_shape] * 2,
       compiler_params=plgpu.CompilerParams(
         num_warps=block_sizes.num_warps_dkv, num_stages=block_sizes.num_stages_dkv
       ),
       interpret=interpret,
       name="ssa_sparse_attention_dkv",
-    )(meta, tiles_sorted, q5, k, v, do5, lse4, delta)
-    if chunk:  # chunks are ordered by block; unused ones (block = num_blocks) drop out
-      add = lambda x, blk: jax.ops.segment_sum(
-        x, blk, num_segments=num_blocks, indices_are_sorted=True
-      )
-      dk, dv = (jax.vmap(jax.vmap(add))(x, meta[..., 3]) for x in (dk, dv))
-      # [b, heads, blocks, B, d] -> [b, T, heads, d]
-      dk, dv = (
-        x.transpose(0, 2, 3, 1, 4).reshape(b, t, heads, d).astype(k.dtype) for x in (dk, dv)
-      )
-    return dk, dv
+    )(seg_meta, tiles_sorted, q5, k, v, do5, lse4, delta)
+    if not block_sizes.dkv_chunk:
+      return dk, dv
+    # Blocks with several segments: add their slots (ordered by block) per group, then
+    # write the sums over those blocks' rows; unused slots and groups drop out.
+    add = lambda x, ids: jax.ops.segment_sum(
+      x, ids, num_segments=num_slots, indices_are_sorted=True, mode="drop"
+    )
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(heads)[None, :, None]
 
-  head_axes = ((meta, 1), (tiles_sorted, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2),
-               (delta, 2))  # fmt: skip
-  return _per_kv_head(block_sizes.split_heads_over_4gib, call, (2, 5), *head_axes)
+    def finish(x, part):
+      sums = jax.vmap(jax.vmap(add))(part, slot_group).astype(x.dtype)
+      x = x.reshape(b, num_blocks, block_size, heads, d)
+      x = x.at[bi, group_block, :, hi, :].set(sums, mode="drop")
+      return x.reshape(b, t, heads, d)
+
+    return finish(dk, pdk), finish(dv, pdv)
+
+  head_axes = ((seg_meta, 1), (tiles_sorted, 1), (slot_group, 1), (group_block, 1), (q5, 2),
+               (k, 2), (v, 2), (do5, 2), (lse4, 2), (delta, 2))  # fmt: skip
+  return _per_kv_head(block_sizes.split_heads_over_4gib, call, (4, 7), *head_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
