@@ -1,8 +1,9 @@
 """From an ml_collections ConfigDict to the frozen dataclasses the code reads.
 
 Config files (`configs/*.py`) return a ConfigDict with sections `model`, `data`, `train`,
-`eval` (plus `model.attention`); `resolve` turns it into an `ExperimentConfig`, failing at
-start with the dotted name of an unknown key or a bad value. `parse_arg` reads the
+`eval` (plus `model.attention`) and `mesh` (mesh axes, sequence layout, logical-axis
+rules); `resolve` turns it into an `ExperimentConfig`, failing at start with the dotted
+name of an unknown key or a bad value. `parse_arg` reads the
 big_vision-style variant string after the colon (`--config=configs/x.py:kind=dense,smoke`).
 """
 
@@ -17,6 +18,7 @@ from subq_jax.config import SSAConfig
 from subq_jax.data import tasks
 from subq_jax.data.pipeline import DataConfig
 from subq_jax.model import ModelConfig
+from subq_jax.sharding import MeshConfig
 
 LOSS_AGGREGATIONS = ("token", "sample")
 
@@ -54,6 +56,8 @@ class TrainConfig:
     documents of each document's mean: long and short documents weigh the same).
   answer_weight: loss weight of the synthetic tasks' answer tokens relative to the other
     tokens (1 = plain language modelling).
+  indexer_loss_weight: weight of the `indexer` layers' KL(attention || indexer) loss,
+    the only signal that trains the indexer (its input is detached from the model).
   stages: the context-extension schedule.
   checkpoint_every, keep_checkpoints: orbax CheckpointManager cadence and retention.
   log_every: progress line / metrics cadence.
@@ -71,6 +75,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   loss_aggregation: str = "token"
   answer_weight: float = 1.0
+  indexer_loss_weight: float = 1.0
   stages: tuple[Stage, ...] = (Stage(512, 1000),)
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
@@ -91,6 +96,8 @@ class TrainConfig:
         raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
     if self.answer_weight < 0:
       raise ValueError(f"train.answer_weight={self.answer_weight} must be >= 0")
+    if self.indexer_loss_weight < 0:
+      raise ValueError(f"train.indexer_loss_weight={self.indexer_loss_weight} must be >= 0")
     if self.lr <= 0:
       raise ValueError(f"train.lr={self.lr} must be > 0")
     if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
@@ -144,6 +151,9 @@ class ExperimentConfig:
   data: DataConfig
   train: TrainConfig
   eval: EvalConfig
+  # Mesh axes (data, fsdp, seq), sequence layout and the logical-axis rules that map the
+  # model's parameter and activation axes onto the mesh (`subq_jax.sharding`).
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -174,9 +184,11 @@ def _build(cls, values: dict, prefix: str, nested: dict | None = None):
 def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
   """Validates a ConfigDict and returns the frozen dataclasses."""
   d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  unknown = sorted(set(d) - {"model", "data", "train", "eval"})
+  unknown = sorted(set(d) - {"model", "data", "train", "eval", "mesh"})
   if unknown:
-    raise ValueError(f"unknown config key config.{unknown[0]} (known: model, data, train, eval)")
+    raise ValueError(
+      f"unknown config key config.{unknown[0]} (known: model, data, train, eval, mesh)"
+    )
   model = _build(ModelConfig, d.get("model", {}), "model", {"attention": SSAConfig})
   data = _build(
     DataConfig, d.get("data", {}), "data", {"niah": tasks.NIAHConfig, "mqar": tasks.MQARConfig}
@@ -196,7 +208,12 @@ def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
         raise ValueError(f"unknown config key train.stages[{i}].{unknown[0]}")
   train = _build(TrainConfig, train_d, "train")
   ev = _build(EvalConfig, d.get("eval", {}), "eval")
-  return ExperimentConfig(model=model, data=data, train=train, eval=ev)
+  mesh = d.get("mesh", {})
+  if "rules" in mesh:  # ConfigDict lists -> the rules' tuples
+    rules = tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in mesh["rules"])
+    mesh = dict(mesh, rules=rules)
+  mesh = _build(MeshConfig, mesh, "mesh")
+  return ExperimentConfig(model=model, data=data, train=train, eval=ev, mesh=mesh)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -232,5 +249,11 @@ def default_config() -> ml_collections.ConfigDict:
   data["mixture"] = dict(DataConfig().mixture)
   train = plain(TrainConfig())
   return ml_collections.ConfigDict(
-    {"model": plain(ModelConfig()), "data": data, "train": train, "eval": plain(EvalConfig())}
+    {
+      "model": plain(ModelConfig()),
+      "data": data,
+      "train": train,
+      "eval": plain(EvalConfig()),
+      "mesh": plain(MeshConfig()),
+    }
   )

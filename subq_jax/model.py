@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from subq_jax import sharding
 from subq_jax.config import KINDS, SSAConfig
 from subq_jax.ssa import ssa_attention
 
@@ -180,7 +181,7 @@ def attend(q, k, v, config: SSAConfig, **kwargs):
 
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **_logical("norm"))
     self.eps = eps
     self.dtype = dtype
 
@@ -191,9 +192,23 @@ class RMSNorm(nnx.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def _dense(din, dout, cfg: ModelConfig, rngs, std=None):
+def _logical(*axes):
+  """Variable metadata naming a parameter's logical axes (`subq_jax.sharding` rules map
+  them onto a mesh). Not applied at creation: the model is built without a mesh."""
+  return {"out_sharding": axes, "eager_sharding": False}
+
+
+def _dense(din, dout, cfg: ModelConfig, rngs, std=None, axes=("embed", None)):
   init = nnx.initializers.normal(std if std is not None else 1.0 / math.sqrt(din))
-  return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, kernel_init=init, rngs=rngs)
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=False,
+    dtype=cfg.dtype,
+    kernel_init=init,
+    kernel_metadata=_logical(*axes),
+    rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
@@ -202,10 +217,11 @@ class Attention(nnx.Module):
     self.attn_cfg = cfg.layer_attention(layer)
     hd = cfg.dim_per_head
     out_std = 1.0 / math.sqrt(cfg.num_heads * hd * 2 * cfg.num_layers)
-    self.wq = _dense(cfg.d_model, cfg.num_heads * hd, cfg, rngs)
-    self.wk = _dense(cfg.d_model, cfg.num_kv_heads * hd, cfg, rngs)
-    self.wv = _dense(cfg.d_model, cfg.num_kv_heads * hd, cfg, rngs)
-    self.wo = _dense(cfg.num_heads * hd, cfg.d_model, cfg, rngs, std=out_std)
+    q_axes, kv_axes = ("embed", "q_proj"), ("embed", "kv_proj")
+    self.wq = _dense(cfg.d_model, cfg.num_heads * hd, cfg, rngs, axes=q_axes)
+    self.wk = _dense(cfg.d_model, cfg.num_kv_heads * hd, cfg, rngs, axes=kv_axes)
+    self.wv = _dense(cfg.d_model, cfg.num_kv_heads * hd, cfg, rngs, axes=kv_axes)
+    self.wo = _dense(cfg.num_heads * hd, cfg.d_model, cfg, rngs, std=out_std, axes=q_axes[::-1])
     if self.attn_cfg.kind == "indexer":
       a = self.attn_cfg
       self.idx_q = _dense(cfg.d_model, a.indexer_heads * a.indexer_dim, cfg, rngs)
@@ -234,13 +250,15 @@ class Attention(nnx.Module):
       kwargs["routing_q"], kwargs["routing_k"] = q, k
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
+    q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k, v = (sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (k, v))
     return q, k, v, kwargs
 
-  def __call__(self, x_BxTxD, positions_BxT, inv_freq, scale, return_info):
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, scale, return_info, attention_fn=None):
     cfg, a = self.cfg, self.attn_cfg
     b, t, _ = x_BxTxD.shape
     q, k, v, kwargs = self.project(x_BxTxD, positions_BxT, inv_freq)
-    res = attend(
+    res = (attention_fn or attend)(
       q,
       k,
       v,
@@ -258,14 +276,14 @@ class MLP(nnx.Module):
   """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.w1 = _dense(cfg.d_model, cfg.mlp_dim, cfg, rngs)
-    self.w3 = _dense(cfg.d_model, cfg.mlp_dim, cfg, rngs)
-    self.w2 = _dense(
-      cfg.mlp_dim, cfg.d_model, cfg, rngs, std=1.0 / math.sqrt(2 * cfg.mlp_dim * cfg.num_layers)
-    )
+    self.w1 = _dense(cfg.d_model, cfg.mlp_dim, cfg, rngs, axes=("embed", "mlp"))
+    self.w3 = _dense(cfg.d_model, cfg.mlp_dim, cfg, rngs, axes=("embed", "mlp"))
+    w2_std = 1.0 / math.sqrt(2 * cfg.mlp_dim * cfg.num_layers)
+    self.w2 = _dense(cfg.mlp_dim, cfg.d_model, cfg, rngs, std=w2_std, axes=("mlp", "embed"))
 
   def __call__(self, x):
-    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    h = jax.nn.silu(self.w1(x)) * self.w3(x)
+    return self.w2(sharding.constrain(h, ("batch", "seq", "act_mlp")))
 
 
 class Block(nnx.Module):
@@ -275,10 +293,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, inv_freq, scale, return_info):
-    h, info = self.attn(self.attn_norm(x), positions, inv_freq, scale, return_info)
+  def __call__(self, x, positions, inv_freq, scale, return_info, attention_fn=None):
+    h, info = self.attn(self.attn_norm(x), positions, inv_freq, scale, return_info, attention_fn)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), info
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ("batch", "seq", "act_embed")), info
 
 
 class Transformer(nnx.Module):
@@ -291,31 +310,39 @@ class Transformer(nnx.Module):
       cfg.d_model,
       dtype=cfg.dtype,
       embedding_init=nnx.initializers.normal(1.0),
+      embedding_metadata=_logical("vocab", "embed"),
       rngs=rngs,
     )
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.dtype)
     if not cfg.tie_embeddings:
-      self.unembed = _dense(cfg.d_model, cfg.vocab_size, cfg, rngs)
+      self.unembed = _dense(cfg.d_model, cfg.vocab_size, cfg, rngs, axes=("embed", "vocab"))
 
-  def __call__(self, tokens_BxT, positions_BxT=None, *, return_info: bool = False):
+  def __call__(
+    self, tokens_BxT, positions_BxT=None, *, return_info: bool = False, attention_fn=None
+  ):
+    """Logits (and each layer's AttentionInfo with `return_info`).
+
+    `attention_fn` replaces `attend` in every layer (same signature), e.g.
+    `seq_parallel_train.sharded_attend` to run attention with the sequence sharded.
+    """
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv_freq, scale = self.rope_tables()
-    x = self.embed(tokens_BxT)
+    x = sharding.constrain(self.embed(tokens_BxT), ("batch", "seq", "act_embed"))
     infos = []
     policy = REMAT_POLICIES[cfg.remat]
     for block in self.blocks:
       if cfg.remat != "none":
         call = nnx.remat(
-          lambda blk, x_, p_: blk(x_, p_, inv_freq, scale, return_info),
+          lambda blk, x_, p_: blk(x_, p_, inv_freq, scale, return_info, attention_fn),
           policy=policy,
         )
         x, info = call(block, x, positions_BxT)
       else:
-        x, info = block(x, positions_BxT, inv_freq, scale, return_info)
+        x, info = block(x, positions_BxT, inv_freq, scale, return_info, attention_fn)
       infos.append(info)
     logits = self.head(x)
     return (logits, infos) if return_info else logits
@@ -342,7 +369,7 @@ class Transformer(nnx.Module):
       logits = self.embed.attend(x) / math.sqrt(self.cfg.d_model)
     else:
       logits = self.unembed(x)
-    return logits.astype(jnp.float32)
+    return sharding.constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
 
 
 def count_params(model: nnx.Module) -> int:

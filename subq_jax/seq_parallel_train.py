@@ -1,23 +1,22 @@
 """The model's training step with the sequence sharded over a mesh's `seq` axis.
 
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, seq=4))
+    mesh = sharding.make_mesh(cfg.mesh)  # e.g. MeshConfig(data=2, fsdp=2, seq=2)
+    params = jax.device_put(params, sharding.logical_param_shardings(params, mesh))
     step = make_train_step(graphdef, tx, cfg, sep_id, pad_id, mesh, layout="zigzag")
     params, opt_state, metrics = step(params, opt_state, batch)  # batch as for train.py
 
 Same contract as `subq_jax.train.make_train_step`. Inside, the step reorders inputs,
 targets and RoPE positions into the layout (`subq_jax.sharding`), runs the model with
-every attention layer routed to `seq_parallel.sharded_attention`, and takes the loss on
-the reordered targets: the token loss is a sum over tokens, so it is unchanged. The rest
-of the model (projections, MLP, norms) is position-wise and GSPMD shards it along the
-batch and sequence as the attention's `shard_map` leaves them.
-
-The model has no attention hook yet, so `sharded_model_attention` swaps the module-level
-`subq_jax.model.attend` while the step traces.
+`attention_fn=sharded_attend(...)` (every attention layer through
+`seq_parallel.sharded_attention`), and takes the loss on the reordered targets: the token
+loss is a sum over tokens, so it is unchanged. The rest of the model (projections, MLP,
+norms) is position-wise; the model's logical-axis constraints (`sharding.constrain`,
+active under `sharding.axis_rules` while the step traces) keep its activations split
+along batch and sequence, and the parameters stay where the rules put them (FSDP over
+`fsdp`: GSPMD gathers each weight where a layer uses it).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from subq_jax import model as model_lib
 from subq_jax import seq_parallel, sharding
 from subq_jax import train as train_lib
 
@@ -55,17 +53,6 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
   return attend
 
 
-@contextlib.contextmanager
-def sharded_model_attention(mesh, layout: str, seq_axis: str = "seq"):
-  """While active, every attention layer of `subq_jax.model` runs sequence-parallel."""
-  saved = model_lib.attend
-  model_lib.attend = sharded_attend(mesh, layout, seq_axis)
-  try:
-    yield
-  finally:
-    model_lib.attend = saved
-
-
 def layout_block_size(model_cfg) -> int:
   """The block size every layer shares (the unit of the sequence layout)."""
   sizes = {model_cfg.layer_attention(i).block_size for i in range(model_cfg.num_layers)}
@@ -74,8 +61,18 @@ def layout_block_size(model_cfg) -> int:
   return sizes.pop()
 
 
-def make_train_step(graphdef, tx, cfg, sep_id: int, pad_id: int, mesh, layout="striped"):
-  """`train.make_train_step` with the sequence over `mesh`'s `seq` axis."""
+def make_train_step(
+  graphdef, tx, cfg, sep_id: int, pad_id: int, mesh, layout=None, rules=None, param_shardings=None
+):
+  """`train.make_train_step` with the sequence over `mesh`'s `seq` axis.
+
+  `layout` and `rules` default to `cfg.mesh`'s. `param_shardings` (e.g.
+  `sharding.logical_param_shardings(params, mesh, rules)`) pins the updated parameters
+  to them; by default they follow the inputs' shardings.
+  """
+  layout = cfg.mesh.layout if layout is None else layout
+  rules = cfg.mesh.rules if rules is None else rules
+  attention_fn = sharded_attend(mesh, layout)
   p = mesh.shape["seq"]
   block = layout_block_size(cfg.model)
   if cfg.train.loss_aggregation != "token" and layout != "contiguous":
@@ -90,8 +87,8 @@ def make_train_step(graphdef, tx, cfg, sep_id: int, pad_id: int, mesh, layout="s
     perm = sharding.layout_permutation(t, p, block, layout)
     inputs, targets = tokens[:, :-1][:, perm], tokens[:, 1:][:, perm]
     positions = jnp.broadcast_to(jnp.asarray(np.arange(t, dtype=np.int32)[perm]), (b, t))
-    with sharded_model_attention(mesh, layout):
-      logits = nnx.merge(graphdef, params)(inputs, positions)
+    with sharding.axis_rules(mesh, rules):
+      logits = nnx.merge(graphdef, params)(inputs, positions, attention_fn=attention_fn)
     # lm_loss reads targets as tokens[:, 1:]; the column in front is never a target.
     shifted = jnp.concatenate([inputs[:, :1], targets], axis=1)
     mask = batch.get("answer_mask")
@@ -112,6 +109,8 @@ def make_train_step(graphdef, tx, cfg, sep_id: int, pad_id: int, mesh, layout="s
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    if param_shardings is not None:
+      params = jax.lax.with_sharding_constraint(params, param_shardings)
     return params, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1))

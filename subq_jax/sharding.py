@@ -3,12 +3,18 @@
     mesh = make_mesh(MeshConfig(data=2, seq=4))
     spec = logical_to_spec(("batch", "seq", "heads", "head_dim"))  # P(("data", "fsdp"), "seq")
     x = jax.device_put(x, logical_sharding(mesh, ("batch", "seq", "heads", "head_dim")))
+    params = jax.device_put(params, logical_param_shardings(params, mesh))
+    with axis_rules(mesh):  # while tracing: the model's `constrain` calls pin activations
+      ...
 
 Mesh axes: `data` (batch), `fsdp` (batch, and parameters sharded ZeRO-3 style), `seq`
 (the sequence: SSA and ring attention under `shard_map`, see `subq_jax.seq_parallel`).
 Logical axes name what a dimension means (`batch`, `seq`, `embed`, `mlp`, ...); the
-rules (MaxText / big_vision style) map each onto mesh axes, so a model annotates its
-arrays once and any mesh shape shards them.
+rules (MaxText / big_vision style, `MeshConfig.rules`, the experiment config's `mesh`
+section) map each onto mesh axes, so a model annotates its arrays once and any mesh
+shape shards them. `subq_jax.model` annotates its parameters (nnx `out_sharding`
+metadata, never applied eagerly: the model is built without a mesh) and constrains its
+activations through `constrain`, a no-op outside `axis_rules`.
 
 Sequence layouts (causal load balance). A shard of a causal layer does work in
 proportion to how late its tokens are. `layout_permutation` reorders the sequence, at
@@ -25,8 +31,10 @@ Works with jax 0.11.2 and newer: meshes get explicit `Auto` axis types (recent
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -36,21 +44,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "seq")
 LAYOUTS = ("contiguous", "striped", "zigzag")
 
-# Logical axis -> mesh axes (None: replicated). Activations: batch over data and fsdp,
-# seq over seq. Parameters: the embedding dimension over fsdp (ZeRO-3); heads and the
-# MLP stay whole (no tensor parallelism here).
+# Logical axis -> mesh axes (None: replicated). Parameters: the embedding dimension over
+# fsdp (ZeRO-3); heads, the MLP and the vocabulary stay whole (no tensor parallelism
+# here). Activations have their own names (`act_*`), so that a parameter rule never
+# shards an activation by accident: batch over data and fsdp, seq over seq.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-  ("batch", ("data", "fsdp")),
-  ("seq", "seq"),
-  ("heads", None),
-  ("kv_heads", None),
-  ("head_dim", None),
+  # parameters
   ("embed", "fsdp"),
   ("mlp", None),
   ("vocab", None),
   ("q_proj", None),  # a projection's flattened heads x head_dim output
   ("kv_proj", None),
+  ("norm", None),  # RMSNorm scales: tiny, replicated
   ("layers", None),
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("seq", "seq"),
+  ("heads", None),
+  ("kv_heads", None),
+  ("head_dim", None),
+  ("act_embed", None),
+  ("act_mlp", None),
+  ("act_vocab", None),
 )
 
 
@@ -141,6 +156,62 @@ def _fit(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     names = tuple(n for n in names if n in mesh.axis_names)
     out.append(None if not names else names[0] if len(names) == 1 else names)
   return PartitionSpec(*out)
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
+  """While active (tracing a step), `constrain` pins activations onto `mesh` by `rules`.
+
+  The model names its activations' axes once; without this context `constrain` does
+  nothing, so single-device code never needs a mesh.
+  """
+  saved = getattr(_ACTIVE, "value", None)
+  _ACTIVE.value = (mesh, tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.value = saved
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` of x by its logical axis names, under `axis_rules`."""
+  active = getattr(_ACTIVE, "value", None)
+  if active is None:
+    return x
+  if len(axes) != x.ndim:
+    raise ValueError(f"logical axes {tuple(axes)} do not match the shape {x.shape}")
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes, rules))
+
+
+def param_logical_axes(params) -> dict[str, tuple | None]:
+  """{"blocks/0/attn/wq/kernel": ("embed", "q_proj"), ...}: every parameter's logical
+  axes (nnx Variables' `out_sharding` metadata; None where a parameter has none)."""
+  from flax import nnx
+
+  out = {}
+  for path, v in nnx.to_flat_state(params):
+    names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+    out["/".join(map(str, path))] = tuple(names) if names is not None else None
+  return out
+
+
+def logical_param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings of an nnx parameter tree from its logical axes and `rules`: a tree
+  that `jax.device_put(params, ...)` takes. Unannotated parameters are replicated."""
+  from flax import nnx
+
+  def one(v):
+    value = v.get_value() if isinstance(v, nnx.Variable) else v
+    names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+    names = tuple(names) if names is not None else (None,) * np.ndim(value)
+    spec = logical_sharding(mesh, names, rules)
+    return v.replace(spec) if isinstance(v, nnx.Variable) else spec
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def param_shardings(params, mesh: Mesh, axis: str = "fsdp", min_size: int = 1 << 14):

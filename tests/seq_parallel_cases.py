@@ -9,6 +9,7 @@ layer against `ssa_attention` on one device, and prints `ok <case>`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -19,6 +20,7 @@ import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
 
 from subq_jax import seq_parallel, sharding  # noqa: E402
 from subq_jax.ssa import SSAConfig, ssa_attention  # noqa: E402
@@ -99,8 +101,17 @@ def run_case(name: str):
   print(f"ok {name}", flush=True)
 
 
-def run_train_step(name: str = "train_step_data2_seq4"):
-  """One optimizer step of the model on a data x seq mesh equals the one-device step."""
+# name: (data, fsdp, seq, layout). With fsdp > 1 the parameters are placed by the
+# logical-axis rules (ZeRO-3 over fsdp), and the step must keep them there.
+TRAIN_CASES = {
+  "train_step_data2_seq4": (2, 1, 4, "zigzag"),
+  "train_step_rules_data2_fsdp2_seq2": (2, 2, 2, "striped"),
+}
+
+
+def run_train_step(name: str):
+  """One optimizer step of the model on a data x (fsdp x) seq mesh equals the one-device
+  step; parameters placed by the logical-axis rules stay sharded as the rules say."""
   from flax import nnx
 
   from subq_jax import seq_parallel_train
@@ -124,15 +135,36 @@ def run_train_step(name: str = "train_step_data2_seq4"):
   cfg = ExperimentConfig(model_cfg, DataConfig(), train_cfg, EvalConfig(num_samples=0))
   graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
   tx = train_lib.make_optimizer(train_cfg)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 129), 0, 64)
+  data, fsdp, seq, layout = TRAIN_CASES[name]
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (max(2, data * fsdp), 129), 0, 64)
   batch = {"tokens": tokens, "answer_mask": (tokens % 3 == 0).astype(jnp.int32)}
   copy = lambda tree: jax.tree.map(jnp.array, tree)
 
   step_1 = train_lib.make_train_step(graphdef, tx, cfg, sep_id=1, pad_id=0)
   params_1, _, metrics_1 = step_1(copy(params), tx.init(params), batch)
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, seq=4), jax.devices()[:8])
-  step_p = seq_parallel_train.make_train_step(graphdef, tx, cfg, 1, 0, mesh, layout="zigzag")
-  params_p, _, metrics_p = step_p(copy(params), tx.init(params), batch)
+  mesh_cfg = sharding.MeshConfig(data=data, fsdp=fsdp, seq=seq, layout=layout)
+  cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: data * fsdp * seq])
+  axes = sharding.param_logical_axes(params)
+  unnamed = [path for path, names in axes.items() if names is None]
+  assert not unnamed, f"parameters without logical axes: {unnamed}"
+  shardings = sharding.logical_param_shardings(params, mesh, mesh_cfg.rules)
+  placed = jax.device_put(copy(params), shardings)
+  if fsdp > 1:  # embedding dimension over fsdp, the rest whole
+    spec = lambda v: v.get_value().sharding.spec
+    assert spec(placed["embed"]["embedding"]) == PartitionSpec(None, "fsdp")
+    assert spec(placed["blocks"][0]["attn"]["wq"]["kernel"]) == PartitionSpec("fsdp", None)
+    assert spec(placed["blocks"][0]["mlp"]["w2"]["kernel"]) == PartitionSpec(None, "fsdp")
+    assert spec(placed["final_norm"]["scale"]) == PartitionSpec(None)
+  step_p = seq_parallel_train.make_train_step(
+    graphdef, tx, cfg, 1, 0, mesh, param_shardings=shardings if fsdp > 1 else None
+  )
+  params_p, _, metrics_p = step_p(placed, tx.init(placed), batch)
+  for (path, got), (_, want) in zip(
+    nnx.to_flat_state(params_p), nnx.to_flat_state(shardings), strict=True
+  ):
+    got = got.get_value()
+    assert got.sharding.is_equivalent_to(want.get_value(), got.ndim), (path, got.sharding)
   chex.assert_trees_all_close(metrics_p["loss"], metrics_1["loss"], atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(metrics_p["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
   # Adam's first step is about lr * sign(g): a gradient near 0 turns float rounding into
@@ -143,5 +175,5 @@ def run_train_step(name: str = "train_step_data2_seq4"):
 
 if __name__ == "__main__":
   assert jax.device_count() >= 8, jax.devices()
-  for case in sys.argv[1:] or [*CASES, "train_step_data2_seq4"]:
-    run_train_step(case) if case.startswith("train_step") else run_case(case)
+  for case in sys.argv[1:] or [*CASES, *TRAIN_CASES]:
+    run_train_step(case) if case in TRAIN_CASES else run_case(case)

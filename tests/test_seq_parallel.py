@@ -3,6 +3,7 @@ and a two-process `jax.distributed` run in fresh processes (fake CPU devices).""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -72,6 +73,37 @@ def test_logical_rules():
   assert named.spec == PartitionSpec(("data", "fsdp"), "seq")
 
 
+def test_model_logical_axes():
+  """Every parameter names its logical axes; rules turn them into specs; `constrain` is
+  a no-op outside `axis_rules`."""
+  from flax import nnx
+
+  from subq_jax.model import ModelConfig, Transformer
+
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+  _, params = nnx.split(
+    Transformer(dataclasses.replace(cfg, tie_embeddings=False), rngs=nnx.Rngs(0))
+  )
+  axes = sharding.param_logical_axes(params)
+  assert all(names is not None for names in axes.values()), axes
+  assert axes["blocks/0/attn/wq/kernel"] == ("embed", "q_proj")
+  assert axes["blocks/1/mlp/w2/kernel"] == ("mlp", "embed")
+  assert axes["unembed/kernel"] == ("embed", "vocab")
+  assert sharding.logical_to_spec(axes["embed/embedding"]) == PartitionSpec(None, "fsdp")
+  assert sharding.logical_to_spec(("batch", "seq", "act_embed")) == PartitionSpec(
+    ("data", "fsdp"), "seq", None
+  )
+  x = jnp.ones((2, 4, 16))
+  assert sharding.constrain(x, ("batch", "seq", "act_embed")) is x
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+  with sharding.axis_rules(mesh):
+    y = jax.jit(lambda x: sharding.constrain(x, ("batch", "seq", "act_embed")))(x)
+  chex.assert_trees_all_equal(y, x)
+  with pytest.raises(ValueError, match="do not match"):
+    with sharding.axis_rules(mesh):
+      sharding.constrain(x, ("batch", "seq"))
+
+
 def test_param_shardings():
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
   params = {"w": np.zeros((256, 128)), "b": np.zeros(8)}
@@ -129,6 +161,7 @@ CASE_GROUPS = {
     "ssa_mean_striped_seq2_data2",
     "ssa_bounds_zigzag_seq4",
     "ssa_mean_striped_seq8",
+    "train_step_rules_data2_fsdp2_seq2",
   ],
   "others": [
     "ssa_mean_contiguous_seq2_norope_bf16",
