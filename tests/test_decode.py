@@ -16,8 +16,9 @@ from subq_jax.model import ModelConfig, Transformer
 # 4-token blocks, 2-query tiles (the routing window then spans the previous tile), a
 # fanout of 2 so that a 40-token sequence has a 4-level tree.
 ATTN = SSAConfig(
-  kind="ssa", block_size=4, query_tile=2, top_k=2, fanout=2, beam=1, sink_blocks=1, local_blocks=1
-)
+  kind="ssa", block_size=4, query_tile=2, top_k=2, fanout=2, beam=1, sink_blocks=1,
+  local_blocks=1, indexer_heads=2, indexer_dim=8,
+)  # fmt: skip
 TINY = ModelConfig(
   num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, attention=ATTN,
   dtype="float32",
@@ -27,14 +28,20 @@ CACHE = 72  # cache buffer: 18 blocks, one tree level more than the forward's 10
 LENGTHS = (5, 13)  # prompt lengths of the two rows
 TOL = {"float32": 2e-4, "bfloat16": 5e-2}
 
+# Every kind in one model (one compile per case keeps the file fast); the later layers'
+# selections depend on the earlier layers' cached outputs.
+ALL_KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
 CASES = {
-  "ssa_mean": dict(),
-  "ssa_bounds": dict(summary="bounds"),
-  "ssa_no_rope_routing": dict(route_with_rope=False),
-  "dense": dict(kind="dense"),
-  "sliding": dict(kind="sliding"),
-  "block_topk": dict(kind="block_topk"),
-  "indexer": dict(kind="indexer", indexer_heads=2, indexer_dim=8),
+  "every_kind_mean_summary": dict(attention_pattern=ALL_KINDS),
+  # Bounds summaries, position-free routing keys, RoPE scaled by YaRN (as at evaluation
+  # beyond the training length).
+  "bounds_position_free_routing_yarn": dict(
+    attention_pattern=("ssa", "block_topk"),
+    attention=dataclasses.replace(ATTN, summary="bounds", route_with_rope=False),
+    rope_scale=4.0,
+    rope_original_length=16,
+  ),
+  "bfloat16": dict(attention_pattern=("ssa",), dtype="bfloat16"),
 }
 
 
@@ -71,23 +78,9 @@ def _check_decode_matches_forward(model_cfg, seed):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_decode_equals_forward(name):
-  cfg = dataclasses.replace(TINY, attention=dataclasses.replace(ATTN, **CASES[name]))
+  kw = CASES[name]
+  cfg = dataclasses.replace(TINY, num_layers=len(kw["attention_pattern"]), **kw)
   _check_decode_matches_forward(cfg, seed=sorted(CASES).index(name))
-
-
-def test_decode_mixed_layers_and_yarn():
-  """SSA with a dense layer, RoPE scaled by YaRN (as at evaluation beyond training)."""
-  cfg = dataclasses.replace(
-    TINY, attention_pattern=("ssa", "dense"), rope_scale=4.0, rope_original_length=16
-  )
-  _check_decode_matches_forward(cfg, seed=11)
-
-
-def test_decode_bfloat16():
-  cfg = dataclasses.replace(
-    TINY, dtype="bfloat16", attention=dataclasses.replace(ATTN, kind="dense")
-  )
-  _check_decode_matches_forward(cfg, seed=12)
 
 
 def test_generate_is_greedy():
