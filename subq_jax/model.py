@@ -241,11 +241,13 @@ class Attention(nnx.Module):
     v = self.wv(x_BxTxD).reshape(b, t, cfg.num_kv_heads, hd)
     kwargs = {}
     if a.kind == "indexer":
-      # Position-free lightning-indexer heads; the selection is discrete, so they get no
-      # gradient through ssa_attention (no auxiliary KL loss here yet).
-      kwargs["routing_q"] = self.idx_q(x_BxTxD).reshape(b, t, a.indexer_heads, a.indexer_dim)
-      kwargs["routing_k"] = self.idx_k(x_BxTxD).reshape(b, t, 1, a.indexer_dim)
-      kwargs["indexer_weights"] = self.idx_w(x_BxTxD)
+      # Position-free lightning-indexer heads. The selection is discrete, so they learn
+      # only from AttentionInfo.indexer_loss; as in DeepSeek-V3.2 their input is detached,
+      # so that loss trains the indexer alone.
+      xi = jax.lax.stop_gradient(x_BxTxD)
+      kwargs["routing_q"] = self.idx_q(xi).reshape(b, t, a.indexer_heads, a.indexer_dim)
+      kwargs["routing_k"] = self.idx_k(xi).reshape(b, t, 1, a.indexer_dim)
+      kwargs["indexer_weights"] = self.idx_w(xi)
     elif a.kind != "dense" and not a.route_with_rope:
       kwargs["routing_q"], kwargs["routing_k"] = q, k
     q = apply_rope(q, positions_BxT, inv_freq)

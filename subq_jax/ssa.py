@@ -58,10 +58,15 @@ class AttentionInfo(NamedTuple):
     empty slot (block kinds); None for `dense` and `indexer`.
   pairs_attended: float32 [batch, kv_heads]: (query, key) pairs attended by each
     query head of the group, over the real (unpadded) sequence.
+  indexer_loss: `indexer` only: float32 [batch], the mean over queries of
+    KL(attention || indexer) on each query's selected tokens (DeepSeek-V3.2's indexer
+    training signal). The attention distribution (summed over heads) is the constant
+    target; the gradient reaches only the indexer inputs. None for the other kinds.
   """
 
   selected_blocks: jax.Array | None
   pairs_attended: jax.Array
+  indexer_loss: jax.Array | None = None
 
 
 def ssa_attention(
@@ -476,15 +481,15 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
 
   Every query attends to its `keys_per_query` best earlier tokens (all of them when
   fewer exist), shared by all heads. The selector is quadratic by design; it runs a
-  chunk of queries at a time so memory stays O(chunk x T).
+  chunk of queries at a time so memory stays O(chunk x T). The selection is discrete,
+  so the attention output has no gradient to the indexer; `indexer_loss` (KL of the
+  head-summed attention to softmax(I) over the selected tokens) is its training signal.
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
   budget = min(config.keys_per_query, t)
-  index_q, index_k, weights = (
-    jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (index_q, index_k, weights)
-  )
+  index_q, index_k, weights = (x.astype(jnp.float32) for x in (index_q, index_k, weights))
   per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * t * config.indexer_heads)))
   pad = -t % per_chunk
   qpos = jnp.arange(t + pad).reshape(-1, per_chunk)
@@ -498,7 +503,7 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
     logits_i = jnp.einsum("bchd,bsd->bchs", iq_c, index_k[:, :, 0], precision="highest")
     score = jnp.einsum("bchs,bch->bcs", jax.nn.relu(logits_i), w_c, precision="highest")
     causal = jnp.arange(t)[None, None, :] <= pos[None, :, None]
-    best, idx = jax.lax.top_k(jnp.where(causal, score, -jnp.inf), budget)
+    best, idx = jax.lax.top_k(jnp.where(causal, jax.lax.stop_gradient(score), -jnp.inf), budget)
     valid = best > -jnp.inf  # [b, c, K]
     k_sel = k[jnp.arange(b)[:, None, None], idx].astype(jnp.float32)  # [b, c, K, hkv, d]
     v_sel = v[jnp.arange(b)[:, None, None], idx].astype(jnp.float32)
@@ -507,9 +512,19 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
     logits = jnp.where(valid[:, :, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bckgs,bcskd->bckgd", probs, v_sel, precision="highest")
-    return out.reshape(b, -1, hq, d)
+    target = jax.lax.stop_gradient(probs.sum(axis=(2, 3)) / hq)  # [b, c, K]
+    kl = _kl(target, jnp.take_along_axis(score, idx, axis=-1), valid)
+    return out.reshape(b, -1, hq, d), jnp.where(pos < t, kl, 0.0)
 
-  out = jax.lax.map(jax.checkpoint(chunk), (qpos, padq(q), padq(index_q), padq(weights)))
+  out, kl = jax.lax.map(jax.checkpoint(chunk), (qpos, padq(q), padq(index_q), padq(weights)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, t + pad, hq, d)[:, :t].astype(q.dtype)
   keys = jnp.minimum(jnp.arange(t) + 1, budget).astype(jnp.float32)
-  return out, AttentionInfo(None, jnp.broadcast_to(keys.sum(), (b, hkv)))
+  loss = jnp.moveaxis(kl, 0, 1).reshape(b, -1).sum(-1) / t
+  return out, AttentionInfo(None, jnp.broadcast_to(keys.sum(), (b, hkv)), loss)
+
+
+def _kl(target, logits, valid):
+  """KL(target || softmax(logits)) over the last axis's `valid` entries; target sums to 1."""
+  log_q = jax.nn.log_softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
+  terms = target * (jnp.log(jnp.maximum(target, 1e-30)) - log_q)
+  return jnp.sum(jnp.where(valid & (target > 0), terms, 0.0), axis=-1)

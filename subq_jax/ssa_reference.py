@@ -29,7 +29,7 @@ def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights,
   if config.kind == "dense":
     allowed = jnp.broadcast_to(causal, (b, hkv, t, t))
   elif config.kind == "indexer":
-    allowed = _indexer_mask(routing_q, routing_k, indexer_weights, config)
+    score, allowed = _indexer_mask(routing_q, routing_k, indexer_weights, config)
     allowed = jnp.broadcast_to(allowed[:, None], (b, hkv, t, t))
   else:
     rq = q if routing_q is None else routing_q
@@ -38,7 +38,10 @@ def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights,
     allowed = block_mask(selected, config, t)
   out, _ = masked_attention(q, k, v, allowed, scale)
   pairs = allowed.sum(axis=(2, 3)).astype(jnp.float32)
-  return out.astype(q.dtype), AttentionInfo(selected, pairs)
+  loss = None
+  if config.kind == "indexer":
+    loss = _indexer_loss(q, k, allowed[:, 0], score, scale)
+  return out.astype(q.dtype), AttentionInfo(selected, pairs, loss)
 
 
 def masked_attention(q, k, v, allowed, scale):
@@ -155,7 +158,8 @@ def _ids_from_mask(mask, keep):
 
 
 def _indexer_mask(index_q, index_k, weights, config: SSAConfig):
-  """[b, T, T]: each query's best min(p + 1, keys_per_query) earlier tokens."""
+  """(scores I [b, T, T], mask [b, T, T] of each query's best min(p + 1,
+  keys_per_query) earlier tokens)."""
   t = index_q.shape[1]
   f32 = jnp.float32
   logits = jnp.einsum("bqhd,bkd->bqhk", index_q.astype(f32), index_k[:, :, 0].astype(f32))
@@ -164,5 +168,20 @@ def _indexer_mask(index_q, index_k, weights, config: SSAConfig):
   score = jnp.where(causal, score, -jnp.inf)
   # lax.top_k breaks ties (ReLU zeros) towards lower positions, as the xla path does.
   # Slots past a query's causal prefix hold -inf scores at non-causal positions.
-  _, idx = jax.lax.top_k(score, min(config.keys_per_query, t))
-  return (idx[..., None] == jnp.arange(t)).any(-2) & causal
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(score), min(config.keys_per_query, t))
+  return score, (idx[..., None] == jnp.arange(t)).any(-2) & causal
+
+
+def _indexer_loss(q, k, allowed, score, scale):
+  """[b]: mean over queries of KL(p || softmax(score)) on the allowed keys, where p is
+  the attention probability summed over all query heads / heads (a constant target)."""
+  b, t, hq, _ = q.shape
+  g = hq // k.shape[2]
+  f32 = jnp.float32
+  k_rep = jnp.repeat(k.astype(f32), g, axis=2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), k_rep, precision=HIGHEST) * scale
+  logits = jnp.where(allowed[:, None], logits, -jnp.inf)
+  p = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1).sum(1) / hq)  # [b, T, T]
+  log_q = jax.nn.log_softmax(jnp.where(allowed, score, -jnp.inf), axis=-1)
+  kl = jnp.where(allowed & (p > 0), p * (jnp.log(jnp.maximum(p, 1e-30)) - log_q), 0.0)
+  return kl.sum(-1).mean(-1)

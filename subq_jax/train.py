@@ -117,8 +117,8 @@ def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: in
 
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"][:, :-1])
-    return lm_loss(
+    logits, infos = model(batch["tokens"][:, :-1], return_info=True)
+    loss, metrics = lm_loss(
       logits,
       batch["tokens"],
       aggregation=cfg.train.loss_aggregation,
@@ -127,10 +127,20 @@ def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: in
       answer_mask=batch["answer_mask"],
       answer_weight=cfg.train.answer_weight,
     )
+    kls = [jnp.mean(i.indexer_loss) for i in infos if i is not None and i.indexer_loss is not None]
+    if kls:  # indexer layers: their KL to the attention trains the (detached) indexer
+      metrics["indexer_kl"] = sum(kls) / len(kls)
+      loss = loss + cfg.train.indexer_loss_weight * metrics["indexer_kl"]
+    return loss, metrics
 
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    indexer = [
+      g for path, g in jax.tree.leaves_with_path(grads) if "idx_" in jax.tree_util.keystr(path)
+    ]
+    if indexer:
+      metrics["indexer_grad_norm"] = optax.tree.norm(indexer)
     # Per-parameter finiteness, so a NaN report can name where it started.
     metrics["grads_finite"] = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
     updates, opt_state = tx.update(grads, opt_state, params)

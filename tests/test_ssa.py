@@ -92,6 +92,43 @@ def test_baselines_xla_match_reference(kind, dtype):
     np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
   if kind != "dense":
     assert float(info.pairs_attended.max()) < t * (t + 1) / 2
+  if kind == "indexer":
+    chex.assert_trees_all_close(info.indexer_loss, ref_info.indexer_loss, rtol=1e-4, atol=1e-5)
+    assert float(info.indexer_loss.min()) > 0.0
+  else:
+    assert info.indexer_loss is None and ref_info.indexer_loss is None
+
+
+def test_indexer_loss_trains_only_the_indexer(monkeypatch):
+  """The output has no gradient to the indexer inputs; the KL has, equal to the reference's,
+  also when the selector runs several padded query chunks."""
+  import subq_jax.ssa as ssa_lib
+
+  monkeypatch.setattr(ssa_lib, "CHUNK_ELEMENTS", 2 * 90 * 2 * 32)  # 32-query chunks
+  config = SSAConfig(kind="indexer", indexer_heads=2, indexer_dim=8, **SMALL)
+  t = 90
+  q, k, v = _qkv(21, 2, t, 4, 2, 16)
+  kw = _indexer_inputs(22, 2, t, config)
+  w_out = jax.random.normal(jax.random.PRNGKey(23), q.shape)
+
+  def grads(implementation):
+    def out_term(kw):
+      return jnp.sum(ssa_attention(q, k, v, config, implementation=implementation, **kw) * w_out)
+
+    def kl_term(kw):
+      _, info = ssa_attention(
+        q, k, v, config, implementation=implementation, return_info=True, **kw
+      )
+      return jnp.sum(info.indexer_loss)
+
+    return jax.grad(out_term)(kw), jax.grad(kl_term)(kw)
+
+  g_out, g_kl = grads("xla")
+  _, g_kl_ref = grads("reference")
+  for name in kw:
+    np.testing.assert_array_equal(g_out[name], 0.0)
+    assert float(jnp.abs(g_kl[name]).max()) > 0.0, name
+  chex.assert_trees_all_close(g_kl, g_kl_ref, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ssa", "block_topk", "sliding", "indexer", "dense"])

@@ -5,6 +5,7 @@ import json
 import os
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -187,3 +188,33 @@ def test_stage_schedule_errors():
         cfg, train=dataclasses.replace(cfg.train, stages=(Stage(128, 1), Stage(64, 1)))
       )
     )
+
+
+def test_indexer_learns_only_from_its_kl():
+  """An `indexer` model's step reports the KL and its gradient reaches the indexer
+  weights; with the KL's weight at 0 the indexer gets no gradient at all."""
+  from flax import nnx
+
+  from subq_jax.model import Transformer
+
+  cfg = _cfg()
+  attn = SSAConfig(kind="indexer", block_size=8, top_k=1, indexer_heads=2, indexer_dim=8)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attn))
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 65)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(tokens), "answer_mask": jnp.zeros((2, 65), bool)}
+
+  def indexer_grads(weight):
+    train = dataclasses.replace(cfg.train, indexer_loss_weight=weight, grad_clip=0.0)
+    c = dataclasses.replace(cfg, train=train)
+    step = train_lib.make_train_step(graphdef, train_lib.make_optimizer(train), c, 0, 257)
+    opt_state = train_lib.make_optimizer(train).init(params)
+    _, _, metrics = step(jax.tree.map(jnp.copy, params), opt_state, batch)
+    return metrics
+
+  m1 = indexer_grads(1.0)
+  assert float(m1["indexer_kl"]) > 0.0
+  assert float(m1["indexer_grad_norm"]) > 0.0
+  m0 = indexer_grads(0.0)
+  assert float(m0["indexer_grad_norm"]) == 0.0
