@@ -75,12 +75,12 @@ ATTENTION_CASES = [
   #  structured): opts are BlockSizes fields: dkv_chunk > 0 splits each block's CSR row
   # into segments (f32 partial sums for the blocks with several), split_heads_over_4gib
   # runs the passes one KV head at a time (as for operands over 4 GiB), dkv_unroll chunks
-  # per dk/dv loop step, fwd_blocks_per_step KV blocks per forward softmax step.
+  # of block_m rows per dk/dv loop step (0: a whole tile).
   # structured: SSA-like lists (sink, local and own block in every tile's list).
   pytest.param(
     100, 2, 2, 64, 32, 16, jnp.float32, 64,
-    dict(dkv_chunk=2, split_heads_over_4gib=True, fwd_blocks_per_step=2), False,
-    id="gqa1-d64-f32-padded-chunk2-byhead-fwd2",
+    dict(dkv_chunk=2, split_heads_over_4gib=True), False,
+    id="gqa1-d64-f32-padded-chunk2-byhead",
   ),
   pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, dict(dkv_unroll=0), False,
                id="gqa4-d128-bf16-unroll-tile"),
@@ -88,13 +88,12 @@ ATTENTION_CASES = [
     60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, dict(dkv_chunk=1), False,
     id="gqa8-d64-bf16-padded-split-chunk1",
   ),
-  # Sink-heavy: 32 tiles list block 0 (rows of 32 entries cut into segments of 5), the
-  # last segment of a row shorter than the rest; the diagonal tiles of a block in
-  # different segments than its later tiles.
+  # Sink-heavy: all 16 tiles list block 0 (rows of 16 entries cut into segments of 5, the
+  # last one shorter), two 16-row chunks of a tile per tile; a block's diagonal tiles and
+  # its later tiles in different segments. (Rows >= 16: Triton's smallest matmul.)
   pytest.param(
-    128, 8, 2, 64, 8, 4, jnp.bfloat16, 8,
-    dict(dkv_chunk=5, dkv_unroll=1, fwd_blocks_per_step=2), True,
-    id="gqa4-d64-bf16-sink-chunk5-fwd2",
+    128, 8, 2, 64, 16, 8, jnp.bfloat16, 16, dict(dkv_chunk=5, dkv_unroll=1), True,
+    id="gqa4-d64-bf16-sink-chunk5",
   ),
 ]  # fmt: skip
 

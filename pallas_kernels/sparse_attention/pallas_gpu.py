@@ -47,8 +47,6 @@ class BlockSizes:
     block_m_dq: rows per dq program.
     block_m_dkv: rows per step of a dk/dv program's loop over the tiles of a block.
     num_warps, num_stages: forward launch parameters; *_dq and *_dkv for the backward.
-    fwd_blocks_per_step: KV blocks per step of the forward's online softmax (one
-      rescale of the accumulator per step).
     dkv_unroll: chunks of block_m_dkv rows per step of the dk/dv loop (0: a whole tile
       per step). Each chunk's q and dout are separate loads that the software pipeline
       buffers, so a whole tile per step takes so much shared memory that one program
@@ -72,7 +70,6 @@ class BlockSizes:
   num_stages_dq: int = 2
   num_warps_dkv: int = 4
   num_stages_dkv: int = 2
-  fwd_blocks_per_step: int = 1
   dkv_unroll: int = 1
   dkv_chunk: int = 0
   split_heads_over_4gib: bool = False
@@ -80,21 +77,22 @@ class BlockSizes:
   @classmethod
   def get_default(cls) -> BlockSizes:
     """Fastest measured on an H100 (jax 0.11.2, Triton 3.6) for Llama-3-8B heads at 1M
-    tokens, 8,192 keys per query (experiments/tune_sparse_attention.py)."""
+    tokens, 8,192 keys per query (experiments/tune_sparse_attention.py; results in
+    experiments/results/tune_sparse_attention_h100_1M*.json): dk/dv with the flat loop
+    903 ms against 1575 ms a whole tile per step; segments and the per-head split
+    measured no faster at 1M (908 and 904 ms), so both stay off."""
     return cls()
 
   @classmethod
   def from_spec(cls, spec: str) -> BlockSizes:
     """One tiling for all three kernels from
-    `block_m/num_warps/num_stages[/k<blocks>][/c<chunk>][/u<unroll>][/h]` (k:
-    `fwd_blocks_per_step`; c: `dkv_chunk`; u: `dkv_unroll`, default 1; h:
-    `split_heads_over_4gib`), as the tuning scripts take it."""
+    `block_m/num_warps/num_stages[/c<chunk>][/u<unroll>][/h]` (c: `dkv_chunk`; u:
+    `dkv_unroll`, default 1; h: `split_heads_over_4gib`), as the tuning scripts take it."""
     m, w, s, *extra = spec.split("/")
     m, w, s = int(m), int(w), int(s)
     opt = lambda p, default: next((int(x[1:]) for x in extra if x.startswith(p)), default)
     return cls(
       m, m, m, w, s, w, s, w, s,
-      fwd_blocks_per_step=opt("k", 1),
       dkv_unroll=opt("u", 1),
       dkv_chunk=opt("c", 0),
       split_heads_over_4gib="h" in extra,
@@ -150,9 +148,7 @@ def _mask(s, q_pos, k_pos):
   return jnp.where(k_pos <= q_pos, s, MASK_VALUE)
 
 
-def _fwd_kernel(
-  ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale, blocks_per_step
-):
+def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale):
   """One chunk of qm queries x G heads against its tile's compacted block list."""
   d = q_ref.shape[-1]
   rows = qm * g
@@ -163,26 +159,20 @@ def _fwd_kernel(
   num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
 
   # m and l (see the FlashAttention paper) are the running max (base 2) and sum of
-  # the row's exponentials; acc is the unnormalised output. One step takes n blocks
-  # (entries i .. i + n - 1 of the list) with one rescale of acc.
-  def step(i, carry, masked, n=1):
+  # the row's exponentials; acc is the unnormalised output.
+  def step(i, carry, masked):
     acc, m, l_sum = carry
-    starts = [
-      pl.multiple_of(jnp.maximum(ids_ref[i + u], 0) * block_size, block_size) for u in range(n)
-    ]
-    s = []
-    for start in starts:
-      s_u = _dot(q, k_ref[pl.ds(start, block_size), :], trans_b=True) * (scale * LOG2E)
-      s.append(_mask(s_u, q_pos, start + k_off) if masked else s_u)
-    m_new = functools.reduce(jnp.maximum, [jnp.max(s_u, axis=1) for s_u in s], m)
+    start = pl.multiple_of(jnp.maximum(ids_ref[i], 0) * block_size, block_size)
+    k = k_ref[pl.ds(start, block_size), :]
+    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    if masked:
+      s = _mask(s, q_pos, start + k_off)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
-    acc = acc * alpha[:, None]
-    l_sum = l_sum * alpha
-    for start, s_u in zip(starts, s, strict=True):
-      p = jnp.exp2(s_u - m_new[:, None])
-      l_sum = l_sum + jnp.sum(p, axis=1)
-      v = v_ref[pl.ds(start, block_size), :]
-      acc = acc + _dot(p.astype(v.dtype), v)
+    p = jnp.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + jnp.sum(p, axis=1)
+    v = v_ref[pl.ds(start, block_size), :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_sum
 
   carry = (
@@ -191,14 +181,8 @@ def _fwd_kernel(
     jnp.zeros((rows,), jnp.float32),
   )
   # Blocks before the tile's own block are fully visible; the own block comes last.
-  visible = jnp.maximum(num_valid - 1, 0)
-  n = blocks_per_step
-  first = visible % n  # taken one at a time, then n per step
-  carry = jax.lax.fori_loop(0, first, functools.partial(step, masked=False), carry)
-  carry = jax.lax.fori_loop(
-    0, visible // n, lambda i, c: step(first + i * n, c, masked=False, n=n), carry
-  )
-  acc, m, l_sum = step(visible, carry, masked=True)
+  carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
+  acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
   # A tile with no valid block (a partial list, e.g. one shard's share) sees no key:
   # out = 0 and lse = -inf, so that partial results merge by lse.
   empty = num_valid == 0
@@ -346,14 +330,7 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
   qm = _queries_per_program(block_sizes.block_m, g, query_tile)
   per_tile = query_tile // qm
   q5 = q.reshape(b, t, hkv, g, d)
-  kernel = functools.partial(
-    _fwd_kernel,
-    block_size=block_size,
-    qm=qm,
-    g=g,
-    scale=scale,
-    blocks_per_step=block_sizes.fwd_blocks_per_step,
-  )
+  kernel = functools.partial(_fwd_kernel, block_size=block_size, qm=qm, g=g, scale=scale)
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   call = lambda ids, q5, k, v: pl.pallas_call(
