@@ -151,3 +151,485 @@ def plot_accuracy(results: dict, train_len: int, out_png: str, title: str = ""):
   fig.tight_layout()
   fig.savefig(out_png, dpi=120)
   plt.close(fig)
+
+
+# ------------------------------------------------------------------ the long-context suite
+#
+# `suite_eval` runs named tasks of `subq_jax.data.ruler` over lengths (and depths, for the
+# tasks that take one) with greedy decoding through the KV cache (`subq_jax.decode`), and
+# scores the continuations with `subq_jax.data.scoring`. MQAR, whose answers sit inside
+# the text, is scored teacher-forced: exact match of the argmax at every answer token,
+# which is exactly whether greedy decoding from the true prefix reproduces the value.
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(params, model config of the last stage, ExperimentConfig, step) of a training run.
+
+  Reads `config.json` (written by `subq_jax.train.train`) and the orbax checkpoint of
+  `step` (default: the latest) under `workdir/checkpoints`.
+  """
+  import orbax.checkpoint as ocp
+
+  from subq_jax import train as train_lib
+  from subq_jax.experiment import resolve
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir")
+  with open(path) as f:
+    cfg = resolve(json.load(f))
+  mngr = train_lib._checkpoint_manager(workdir, cfg.train)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  model_cfg = train_lib.stage_model_config(cfg, len(cfg.train.stages) - 1)
+  _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  opt_state = jax.eval_shape(train_lib.make_optimizer(cfg.train).init, params)
+  abstract = jax.tree.map(
+    ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state}
+  )
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  mngr.close()
+  return restored.state["params"], model_cfg, cfg, step
+
+
+def parse_lengths(spec: str, train_len: int) -> list[int]:
+  """'1x,4x,16x' (multiples of the training length), '4096,16K' or a mix -> tokens."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    if item.lower().endswith("x"):
+      out.append(int(round(float(item[:-1]) * train_len)))
+    elif item[-1] in "kKmM":
+      out.append(int(float(item[:-1]) * (1024 if item[-1] in "kK" else 1024 * 1024)))
+    else:
+      out.append(int(item))
+  if not out or min(out) < 1:
+    raise ValueError(f"lengths={spec!r} must name at least one positive length")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """What `suite_eval` runs.
+
+  tasks: task names of `subq_jax.data.ruler` (see `ruler.suite`).
+  lengths: prompt + generation budget of each sample, in tokens.
+  depths: needle depths for the tasks that take one (`ruler.TAKES_DEPTH`); the others
+    draw their own placements.
+  num_samples: samples per (task, length, depth) cell.
+  batch_size: sequences decoded together.
+  yarn: beyond the training length, scale RoPE with YaRN by length / training length.
+  seed: the samples of a cell are `ruler.generate(task, length, seed=[seed, length,
+    depth index (999 without a depth), i])`.
+  split: corpus split of the filler text (`validation`: never trained on).
+  """
+
+  tasks: tuple[str, ...] = ("niah_single_2",)
+  lengths: tuple[int, ...] = (4096,)
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  num_samples: int = 50
+  batch_size: int = 8
+  yarn: bool = False
+  seed: int = 0
+  split: str = "validation"
+
+  def __post_init__(self):
+    from subq_jax.data import ruler
+
+    for t in self.tasks:
+      if t not in ruler.TASKS:
+        raise ValueError(f"task {t!r} is not one of {sorted(ruler.TASKS)}")
+    if self.num_samples < 1 or self.batch_size < 1:
+      raise ValueError(f"{self.num_samples=} and {self.batch_size=} must be >= 1")
+    if any(not 0.0 <= d <= 1.0 for d in self.depths):
+      raise ValueError(f"depths={self.depths} must lie in [0, 1]")
+
+
+class _Runner:
+  """Jitted prefill + greedy decoding and teacher-forced forwards, one compile per shape."""
+
+  def __init__(self, params, model_cfg: ModelConfig):
+    from subq_jax import decode
+
+    self.params, self.model_cfg = params, model_cfg
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    self.multiple = decode.cache_multiple(model_cfg)
+    self._generate = {}
+    graphdef = self.graphdef
+
+    @jax.jit
+    def forward(params, tokens):
+      logits, infos = nnx.merge(graphdef, params)(tokens, return_info=True)
+      t = tokens.shape[1]
+      pairs = jnp.mean(jnp.stack([jnp.mean(i.pairs_attended) for i in infos]))
+      return jnp.argmax(logits, -1), pairs / (t * (t + 1) / 2)
+
+    self.forward = forward
+
+  def cache_len(self, n: int) -> int:
+    return -(-n // self.multiple) * self.multiple
+
+  def generate(self, tokens, lengths, max_new: int):
+    from subq_jax import decode
+
+    if max_new not in self._generate:
+      self._generate[max_new] = decode.make_generate(self.graphdef, max_new)
+    out, fraction = self._generate[max_new](self.params, jnp.asarray(tokens), jnp.asarray(lengths))
+    return np.asarray(out), float(fraction)
+
+
+def _pad_rows(rows: list[np.ndarray], width: int, batch: int, pad_id: int) -> np.ndarray:
+  """Rows right-padded to `width`; missing rows (a short last batch) repeat row 0."""
+  out = np.full((batch, width), pad_id, np.int32)
+  for i in range(batch):
+    r = rows[i] if i < len(rows) else rows[0]
+    out[i, : len(r)] = r
+  return out
+
+
+def _cut(ids: np.ndarray, tokenizer) -> str:
+  """Generated ids up to the first separator or padding token, as text."""
+  stop = np.flatnonzero((ids == tokenizer.sep_id) | (ids == tokenizer.pad_id))
+  return tokenizer.decode(ids[: stop[0]] if stop.size else ids)
+
+
+def _score_generated(runner: _Runner, samples, tokenizer, batch: int, length: int):
+  """Greedy continuations scored by each sample's metric: (scores, predictions, pairs)."""
+  from subq_jax.data import scoring
+
+  prompts = [tokenizer.encode(s.prompt) for s in samples]
+  max_new = max(s.max_new_tokens for s in samples)
+  # One cache length per eval length (one compile); MRCR's budgets vary per sample.
+  width = runner.cache_len(max(length, max(len(p) for p in prompts) + max_new))
+  scores, preds, fractions = [], [], []
+  for i in range(0, len(samples), batch):
+    chunk = prompts[i : i + batch]
+    tokens = _pad_rows(chunk, width, batch, tokenizer.pad_id)
+    lengths = np.array([len(p) for p in chunk] + [len(chunk[0])] * (batch - len(chunk)))
+    out, fraction = runner.generate(tokens, lengths.astype(np.int32), max_new)
+    fractions.append(fraction)
+    for j, s in enumerate(samples[i : i + batch]):
+      pred = _cut(out[j, : s.max_new_tokens], tokenizer)
+      preds.append(pred)
+      scores.append(scoring.score(s.metric, pred, s.answers, s.meta.get("prefix", "")))
+  return scores, preds, float(np.mean(fractions))
+
+
+def _score_teacher_forced(runner: _Runner, samples, tokenizer, batch: int, length: int):
+  """Exact match of every answer span (MQAR): (scores per answer, distances, pairs)."""
+  encoded = [s.to_sample(tokenizer) for s in samples]
+  width = runner.cache_len(max(length, max(len(e.tokens) for e in encoded)))
+  scores, distances, fractions = [], [], []
+  for i in range(0, len(samples), batch):
+    chunk = encoded[i : i + batch]
+    tokens = _pad_rows([e.tokens for e in chunk], width, batch, tokenizer.pad_id)
+    pred, fraction = runner.forward(runner.params, jnp.asarray(tokens))
+    pred = np.asarray(pred)
+    fractions.append(float(fraction))
+    for j, (e, s) in enumerate(zip(chunk, samples[i : i + batch], strict=True)):
+      spans = answer_spans(e.answer_mask)
+      for (a, b), dist in zip(spans, s.meta.get("distances", [None] * len(spans)), strict=True):
+        # logits at p predict token p + 1
+        scores.append(float(np.all(pred[j, a - 1 : b - 1] == e.tokens[a:b])))
+        distances.append(dist)
+  return scores, distances, float(np.mean(fractions))
+
+
+def suite_eval(
+  params,
+  model_cfg: ModelConfig,
+  train_len: int,
+  suite: SuiteConfig,
+  *,
+  tokenizer=None,
+  corpus_root: str | None = None,
+  val_fraction: float = 0.05,
+  log=print,
+) -> list[dict]:
+  """One result per (task, length, depth) cell, each with its sample count, 95% Wilson
+  interval, the filler used and the fraction of causal token pairs attended."""
+  import time
+
+  from subq_jax.data import ruler, scoring
+  from subq_jax.data.tokenizer import ByteTokenizer
+
+  tokenizer = tokenizer or ByteTokenizer()
+  source = ruler.Source(
+    tokenizer=tokenizer, split=suite.split, val_fraction=val_fraction, root=corpus_root
+  )
+  cells = []
+  for length in suite.lengths:
+    mcfg = eval_model_config(model_cfg, train_len, length, suite.yarn)
+    runner = _Runner(params, mcfg)
+    for task in suite.tasks:
+      depths = list(enumerate(suite.depths)) if task in ruler.TAKES_DEPTH else [(None, None)]
+      for d_idx, depth in depths:
+        t0 = time.time()
+        cell_seed = [suite.seed, length, 999 if d_idx is None else d_idx]
+        try:
+          samples = [
+            ruler.generate(task, length, seed=[*cell_seed, i], source=source, depth=depth)
+            for i in range(suite.num_samples)
+          ]
+        except ValueError as e:  # the task's fixed text does not fit this length
+          log(f"{task} at {length} tokens: skipped ({e})")
+          cells.append({"task": task, "length": length, "depth": depth, "skipped": str(e)})
+          continue
+        cell = {
+          "task": task,
+          "length": length,
+          "multiplier": length / train_len,
+          "depth": depth,
+          "metric": samples[0].metric,
+          "filler": sorted({s.meta["filler"] for s in samples}),
+          "filler_source": sorted({s.meta["filler_source"] for s in samples}),
+          "rope_scale": mcfg.rope_scale,
+          "yarn": suite.yarn,
+          "samples": len(samples),
+        }
+        if samples[0].max_new_tokens == 0:  # answers inside the text
+          scores, dists, fraction = _score_teacher_forced(
+            runner, samples, tokenizer, suite.batch_size, length
+          )
+          edges = np.linspace(0, length, 5).round().astype(int).tolist()
+          edges[-1] += 1
+          cell["by_distance"] = scoring.bucket_by_distance(dists, scores, edges)
+          cell["scoring"] = "teacher-forced exact match per query"
+        else:
+          scores, preds, fraction = _score_generated(
+            runner, samples, tokenizer, suite.batch_size, length
+          )
+          cell["examples"] = [
+            {"prediction": p, "answers": list(s.answers)}
+            for p, s in zip(preds[:2], samples[:2], strict=True)
+          ]
+          cell["scoring"] = f"greedy decoding, string match ({samples[0].metric})"
+        cell |= scoring.mean_score(scores)
+        cell["scores"] = [round(float(x), 4) for x in scores]
+        cell["pairs_fraction"] = fraction
+        cell["wall_s"] = round(time.time() - t0, 2)
+        cells.append(cell)
+        where = "" if depth is None else f" depth {depth:.2f}"
+        log(
+          f"{task} at {length} tokens{where}: {cell['mean']:.3f} "
+          f"[{cell['lo']:.3f}, {cell['hi']:.3f}] (n={cell['n']}), pairs attended "
+          f"{100 * fraction:.1f}%, filler {'/'.join(cell['filler'])}, {cell['wall_s']:.1f}s"
+        )
+  return cells
+
+
+def pool(cells: list[dict]) -> dict:
+  """{(task, length): pooled result over depths} with its Wilson interval."""
+  from subq_jax.data import scoring
+
+  groups = {}
+  for c in cells:
+    if "skipped" in c:
+      continue
+    groups.setdefault((c["task"], c["length"]), []).append(c)
+  out = {}
+  for key, group in groups.items():
+    scores = [s for c in group for s in c["scores"]]
+    out[key] = scoring.mean_score(scores) | {
+      "filler": sorted({f for c in group for f in c["filler"]}),
+      "pairs_fraction": float(np.mean([c["pairs_fraction"] for c in group])),
+    }
+  return out
+
+
+def _fmt_cell(r: dict) -> str:
+  return f"{r['mean']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] n={r['n']}"
+
+
+def suite_table(cells: list[dict], train_len: int) -> str:
+  """Markdown: accuracy [95% Wilson interval] n=samples per task and length (depths
+  pooled), the filler of each task, and the fraction of token pairs attended."""
+  pooled = pool(cells)
+  skipped = sorted({(c["task"], c["length"]) for c in cells if "skipped" in c})
+  cells = [c for c in cells if "skipped" not in c]
+  lengths = sorted({c["length"] for c in cells})
+  tasks = list(dict.fromkeys(c["task"] for c in cells))
+  head = ["task", "filler"] + [f"{n} ({n / train_len:g}x)" for n in lengths]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for t in tasks:
+    fill = "/".join(sorted({f for (tt, _), r in pooled.items() if tt == t for f in r["filler"]}))
+    row = [t, fill] + [_fmt_cell(pooled[t, n]) if (t, n) in pooled else "" for n in lengths]
+    lines.append("| " + " | ".join(row) + " |")
+  pairs = [
+    np.mean([r["pairs_fraction"] for (_, n), r in pooled.items() if n == m]) for m in lengths
+  ]
+  lines.append("| pairs attended | | " + " | ".join(f"{100 * p:.2f}%" for p in pairs) + " |")
+  if skipped:
+    lines.append(
+      "\nskipped (the task's fixed text does not fit): "
+      + ", ".join(f"{t} at {n}" for t, n in skipped)
+    )
+  return "\n".join(lines)
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def plot_heatmaps(cells: list[dict], out_dir: str, title: str = "") -> list[str]:
+  """One depth x length accuracy heatmap per NIAH task evaluated at several depths."""
+  plt = _plt()
+  paths = []
+  cells = [c for c in cells if "skipped" not in c]
+  for task in dict.fromkeys(c["task"] for c in cells if c["depth"] is not None):
+    if not task.startswith("niah"):
+      continue
+    mine = [c for c in cells if c["task"] == task]
+    lengths = sorted({c["length"] for c in mine})
+    depths = sorted({c["depth"] for c in mine})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for c in mine:
+      grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["mean"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    for i in range(len(depths)):
+      for j in range(len(lengths)):
+        if not np.isnan(grid[i, j]):
+          ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    n = mine[0]["n"]
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"{title} {task} (n={n} per cell)".strip())
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"heatmap_{task}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def plot_by_length(series: dict, out_png: str, key: str, ylabel: str, train_len: int, title=""):
+  """Lines of `key` against length: `series` = {label: {length: result dict}}; results
+  with "lo"/"hi" get their 95% interval as error bars."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for label, by_len in series.items():
+    lengths = sorted(by_len)
+    y = np.array([by_len[n][key] for n in lengths], float)
+    if key == "mean":
+      lo = y - np.array([by_len[n]["lo"] for n in lengths])
+      hi = np.array([by_len[n]["hi"] for n in lengths]) - y
+      ax.errorbar(lengths, y, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    else:
+      ax.plot(lengths, y, "o-", label=label)
+  ax.set_xscale("log", base=2)
+  if key == "pairs_fraction":
+    ax.set_yscale("log")
+  else:
+    ax.set_ylim(-0.02, 1.02)
+  ax.axvline(train_len, color="gray", ls=":", label="training length")
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+
+
+def write_suite_report(cells: list[dict], out_dir: str, meta: dict, train_len: int) -> dict:
+  """suite.json, suite.md and the PNGs (heatmaps, accuracy and pairs against length)."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "suite.json"), "w") as f:
+    json.dump({**meta, "train_len": train_len, "cells": cells}, f, indent=1)
+  table = suite_table(cells, train_len)
+  title = meta.get("label", "")
+  with open(os.path.join(out_dir, "suite.md"), "w") as f:
+    f.write(f"# {title}\n\n" if title else "")
+    f.write("accuracy [95% Wilson interval] n=samples (depths pooled)\n\n" + table + "\n")
+  pooled = pool(cells)
+  by_task = {}
+  for (task, n), r in pooled.items():
+    by_task.setdefault(task, {})[n] = r
+  plot_by_length(
+    by_task, os.path.join(out_dir, "accuracy_vs_length.png"), "mean", "accuracy", train_len, title
+  )
+  pairs = {}
+  for (_, n), r in pooled.items():
+    pairs[n] = {"pairs_fraction": r["pairs_fraction"]}
+  plot_by_length(
+    {title or "model": pairs},
+    os.path.join(out_dir, "pairs_vs_length.png"),
+    "pairs_fraction",
+    "fraction of causal token pairs attended",
+    train_len,
+    title,
+  )
+  plot_heatmaps(cells, out_dir, title)
+  return {"table": table}
+
+
+def evaluate_checkpoint(
+  workdir: str,
+  *,
+  suites: tuple[str, ...] = ("niah",),
+  lengths: str = "1x,4x,16x",
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+  num_samples: int = 50,
+  batch_size: int = 8,
+  yarn: bool | None = None,
+  seed: int = 0,
+  step: int | None = None,
+  out_dir: str | None = None,
+  label: str = "",
+  log=print,
+) -> dict:
+  """Loads a training run's checkpoint, runs the named suites (`ruler.suite` names or
+  task names) and writes suite.json, suite.md and the PNGs to `out_dir` (default
+  `workdir/eval`). `yarn` None takes the run's `eval.yarn`."""
+  import time
+
+  from subq_jax.data import ruler
+
+  t0 = time.time()
+  params, model_cfg, cfg, step = load_checkpoint(workdir, step)
+  train_len = cfg.train.stages[-1].seq_len
+  tasks = tuple(dict.fromkeys(t for name in suites for t in ruler.suite(name)))
+  suite = SuiteConfig(
+    tasks=tasks,
+    lengths=tuple(parse_lengths(lengths, train_len)),
+    depths=tuple(depths),
+    num_samples=num_samples,
+    batch_size=batch_size,
+    yarn=cfg.eval.yarn if yarn is None else yarn,
+    seed=seed,
+  )
+  kinds = [model_cfg.layer_attention(i).kind for i in range(model_cfg.num_layers)]
+  label = label or f"{model_cfg.attention.kind} (step {step})"
+  log(f"evaluating {workdir} step {step} ({label}): layers {kinds}, trained at {train_len}")
+  cells = suite_eval(
+    params,
+    model_cfg,
+    train_len,
+    suite,
+    tokenizer=cfg.data.make_tokenizer(),
+    corpus_root=cfg.data.corpus_root,
+    val_fraction=cfg.data.val_fraction,
+    log=log,
+  )
+  out_dir = out_dir or os.path.join(workdir, "eval")
+  meta = {
+    "label": label,
+    "workdir": os.path.abspath(workdir),
+    "step": int(step),
+    "attention": dataclasses.asdict(model_cfg.attention),
+    "layer_kinds": kinds,
+    "suite": dataclasses.asdict(suite),
+    "wall_s": round(time.time() - t0, 1),
+  }
+  report = write_suite_report(cells, out_dir, meta, train_len)
+  log(f"{label}: accuracy [95% Wilson interval] n=samples\n{report['table']}\nwritten to {out_dir}")
+  return {"cells": cells, "train_len": train_len, "table": report["table"], "meta": meta}
