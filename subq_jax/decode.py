@@ -272,25 +272,35 @@ def _route(a: SSAConfig, layer, pos_B, prefix_B, hkv: int):
 # ----------------------------------------------------------------------------- generate
 
 
-def make_generate(graphdef, max_new_tokens: int):
-  """Jitted (params, tokens_BxT, lengths_B) -> (generated [B, max_new_tokens] int32,
-  pairs fraction): greedy, prefill once then `max_new_tokens - 1` cached steps."""
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+def make_generate(graphdef, capacity: int):
+  """Jitted greedy decoding: (params, tokens_BxT, lengths_B, num_new=capacity) ->
+  (generated [B, capacity] int32, pairs fraction).
+
+  Prefill once, then `num_new - 1` cached steps in a loop whose trip count is traced,
+  so tasks with different generation budgets up to `capacity` share one compile;
+  columns from `num_new` on are the pad value -1.
+  """
+  if capacity < 1:
+    raise ValueError(f"capacity={capacity} must be >= 1")
 
   @jax.jit
-  def generate(params, tokens_BxT, lengths_B):
+  def generate(params, tokens_BxT, lengths_B, num_new):
     model = nnx.merge(graphdef, params)
     logits, cache, fraction = prefill(model, tokens_BxT, lengths_B)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = jnp.full((first.shape[0], capacity), -1, jnp.int32).at[:, 0].set(first)
 
-    def body(carry, _):
-      cache, token = carry
+    def body(i, carry):
+      cache, token, out = carry
       logits, cache = step(model, cache, token)
       nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      return (cache, nxt), nxt
+      return cache, nxt, out.at[:, i].set(nxt)
 
-    _, rest = jax.lax.scan(body, (cache, first), None, length=max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest.T], axis=1), fraction
+    _, _, out = jax.lax.fori_loop(1, jnp.minimum(num_new, capacity), body, (cache, first, out))
+    return out, fraction
 
-  return generate
+  def call(params, tokens_BxT, lengths_B, num_new: int | None = None):
+    num_new = capacity if num_new is None else num_new
+    return generate(params, tokens_BxT, lengths_B, jnp.int32(num_new))
+
+  return call
