@@ -2,6 +2,12 @@
 
   python -m experiments.train --config=configs/ablation.py:kind=ssa --workdir=runs/abl_ssa
   ... kind=dense | sliding | block_topk | indexer, or mix=4 (SSA with every 4th layer dense)
+  ... summary=bounds (SSA / block_topk route by min/max bounds), yarn (evaluate beyond the
+  training length with YaRN-scaled RoPE; training unchanged), steps=N (default 2000; 1
+  with smoke)
+
+`python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
+small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
 
 Only `model.attention.kind` (and that kind's own knobs) changes between runs. Every sparse
 kind attends to the same (sink + top_k + local + 1) * block_size = 448 keys per query
@@ -14,13 +20,14 @@ from subq_jax.experiment import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, kind="ssa", mix=0, smoke=False)
+  arg = parse_arg(arg, kind="ssa", mix=0, summary="mean", yarn=False, steps=0, smoke=False)
   c = default_config()
   m = c.model
   m.update(num_layers=6, d_model=256, num_heads=8, num_kv_heads=2, mlp_dim=768, remat="none")
   m.attention.update(
     kind=arg.kind, block_size=64, top_k=4, fanout=8, beam=4, sink_blocks=1, local_blocks=1
   )
+  m.attention.summary = arg.summary
   if arg.kind == "indexer":
     m.attention.update(indexer_heads=4, indexer_dim=32)
   if arg.mix:
@@ -29,14 +36,16 @@ def get_config(arg=None):
   c.data.niah.update(num_needles=8, num_queries=4, uuid_chars=36)
   c.data.mqar.update(num_pairs=64, num_queries=32)
   c.train.update(batch_size=16, lr=1e-3, warmup_steps=200, checkpoint_every=500, log_every=50)
-  c.train.stages = [dict(seq_len=4096, steps=2000, rope_scale=1.0)]
-  c.eval.update(multipliers=[1, 4, 16], num_samples=32)
+  steps = arg.steps or 2000
+  c.train.stages = [dict(seq_len=4096, steps=steps, rope_scale=1.0)]
+  c.train.warmup_steps = min(200, steps // 10)
+  c.eval.update(multipliers=[1, 4, 16], num_samples=32, yarn=arg.yarn)
   if arg.smoke:
     m.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64, dtype="float32")
     m.attention.update(block_size=8, top_k=2, fanout=2, beam=1)
     c.data.niah.update(num_needles=1, num_queries=1, uuid_chars=8)
     c.data.mqar.update(num_pairs=2, num_queries=1)
     c.train.update(batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1)
-    c.train.stages = [dict(seq_len=128, steps=1, rope_scale=1.0)]
+    c.train.stages = [dict(seq_len=128, steps=arg.steps or 1, rope_scale=1.0)]
     c.eval.update(multipliers=[1], num_samples=0)
   return c

@@ -1,0 +1,356 @@
+"""The mechanism comparison: one model, data and token budget; one attention kind per run.
+
+`run(...)` trains every mechanism of `MECHANISMS` (variants of `configs/ablation.py`)
+at each learning rate of a small sweep, keeps the rate with the lowest held-out loss,
+and evaluates that run at multiples of the training length:
+- the training-format retrieval tasks (`subq_jax.data.tasks` NIAH and MQAR; teacher-
+  forced exact match, as the training loop reports), and
+- a suite of `subq_jax.data.ruler` tasks with greedy KV-cache decoding
+  (`subq_jax.evaluate.suite_eval`).
+It writes `compare.json`, `compare.md` and two PNGs (accuracy and pairs attended against
+length, one line per mechanism) to the output directory. Every run lives in
+`out_dir/runs/<mechanism>/lr<lr>`; a finished run is not trained again, so an
+interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# name: (variant of configs/ablation.py, the mechanism whose trained runs it reuses)
+MECHANISMS = {
+  "ssa_mean": ("kind=ssa,summary=mean", None),
+  "ssa_bounds": ("kind=ssa,summary=bounds", None),
+  "dense_rope": ("kind=dense", None),
+  "dense_yarn": ("kind=dense,yarn", "dense_rope"),  # same training, YaRN at evaluation
+  "sliding": ("kind=sliding", None),
+  "block_topk": ("kind=block_topk", None),
+  "indexer": ("kind=indexer", None),
+}
+DEFAULT_TASKS = (
+  "niah_single_1",
+  "niah_single_2",
+  "niah_uuid",
+  "niah_multikey_1",
+  "vt",
+  "qa_1",
+  "mqar",
+)
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _set(config, dotted: str, value):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"unknown config key {dotted}")
+  node[leaf] = value
+
+
+def parse_overrides(items) -> dict:
+  """['train.batch_size=4', 'data.corpus_root=/x'] -> {dotted key: value}."""
+  out = {}
+  for item in items or ():
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} must look like key.sub=value")
+    try:
+      out[key] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      out[key] = raw
+  return out
+
+
+def build_config(config_path: str, name: str, lr: float, variant: str = "", overrides=None):
+  """The resolved ExperimentConfig of mechanism `name` at learning rate `lr`."""
+  from subq_jax.experiment import resolve
+
+  arg = ",".join(filter(None, [MECHANISMS[name][0], variant]))
+  c = load_config_module(config_path).get_config(arg)
+  c.train.lr = float(lr)
+  for key, value in (overrides or {}).items():
+    _set(c, key, value)
+  return resolve(c)
+
+
+def validation_loss(params, model_cfg, cfg, num_batches: int) -> float:
+  """Mean next-token loss on `num_batches` held-out batches at the training length."""
+  from subq_jax.data.pipeline import make_dataset
+  from subq_jax.model import Transformer
+  from subq_jax.train import lm_loss
+
+  tok = cfg.data.make_tokenizer()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  seq_len = cfg.train.stages[-1].seq_len
+  ds = make_dataset(
+    cfg.data, seq_len=seq_len, batch_size=cfg.train.batch_size, stage=0, split="validation"
+  )
+
+  @jax.jit
+  def loss_fn(params, tokens):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return lm_loss(logits, tokens, aggregation="token", sep_id=tok.sep_id, pad_id=tok.pad_id)[0]
+
+  it = iter(ds)
+  losses = [float(loss_fn(params, jnp.asarray(next(it)["tokens"]))) for _ in range(num_batches)]
+  return float(np.mean(losses))
+
+
+def _train_one(cfg, workdir: str, val_batches: int, log) -> dict:
+  """Trains (or finds finished) one run; returns its record (val loss, wall time)."""
+  from subq_jax import evaluate
+  from subq_jax import train as train_lib
+
+  record_path = os.path.join(workdir, "compare_run.json")
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      return json.load(f)
+  record = {"workdir": workdir, "lr": cfg.train.lr}
+  try:
+    result = train_lib.train(cfg, workdir, log=lambda *_: None)
+    record["train_wall_s"] = round(result.wall_s, 1)
+    record["final_loss"] = result.losses.get(max(result.losses)) if result.losses else None
+    params, model_cfg, _, step = evaluate.load_checkpoint(workdir)
+    record["step"] = int(step)
+    record["val_loss"] = validation_loss(params, model_cfg, cfg, val_batches)
+  except train_lib.NonFiniteLossError as e:
+    record["diverged"] = str(e)
+    record["val_loss"] = math.inf
+  log(
+    f"  lr={cfg.train.lr:g}: val loss {record['val_loss']:.4f}, "
+    f"train {record.get('train_wall_s', float('nan')):.0f}s"
+  )
+  with open(record_path, "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def _retrieval(workdir: str, multipliers, yarn: bool, num_samples: int, log) -> dict:
+  """Training-format NIAH / MQAR (teacher-forced) of the run in `workdir`."""
+  from subq_jax import evaluate
+  from subq_jax.data import scoring
+
+  params, model_cfg, run_cfg, _ = evaluate.load_checkpoint(workdir)
+  ev = dataclasses.replace(
+    run_cfg.eval, multipliers=tuple(multipliers), yarn=yarn, num_samples=num_samples
+  )
+  run_cfg = dataclasses.replace(run_cfg, eval=ev)
+  train_len = run_cfg.train.stages[-1].seq_len
+  res = evaluate.retrieval_eval(params, model_cfg, run_cfg, train_len, log=log)
+  out = {}
+  for task, by_mult in res.items():
+    for mult, r in by_mult.items():
+      n = r["queries"]
+      lo, hi = scoring.wilson_interval(r["accuracy"] * n, n) if n else (math.nan, math.nan)
+      out.setdefault(f"{task} (train format, TF)", {})[mult * train_len] = {
+        "mean": r["accuracy"],
+        "n": n,
+        "lo": lo,
+        "hi": hi,
+        "pairs_fraction": r["pairs_fraction"],
+      }
+  return out
+
+
+def run(
+  out_dir: str,
+  *,
+  config_path: str = "configs/ablation.py",
+  mechanisms=tuple(MECHANISMS),
+  lrs=(3e-4, 1e-3, 3e-3),
+  variant: str = "",
+  overrides=None,
+  val_batches: int = 4,
+  multipliers=(1, 4, 16),
+  tasks=DEFAULT_TASKS,
+  depths=(0.0, 0.5, 1.0),
+  num_samples: int = 50,
+  retrieval_samples: int = 32,
+  batch_size: int = 8,
+  log=print,
+) -> dict:
+  """Trains, selects the learning rate, evaluates; returns and writes the summary."""
+  from subq_jax import evaluate
+
+  for name in mechanisms:
+    if name not in MECHANISMS:
+      raise ValueError(f"mechanism {name!r} is not one of {sorted(MECHANISMS)}")
+  os.makedirs(out_dir, exist_ok=True)
+  t_start = time.time()
+  summary = {"mechanisms": {}, "lrs": list(lrs), "variant": variant, "overrides": overrides}
+  trained = {}  # training name -> (chosen record, cfg, sweep)
+  for name in mechanisms:
+    train_name = MECHANISMS[name][1] or name
+    if train_name not in trained:
+      log(f"training {train_name} over lr {list(lrs)}")
+      sweep = []
+      for lr in lrs:
+        cfg = build_config(config_path, train_name, lr, variant, overrides)
+        workdir = os.path.join(out_dir, "runs", train_name, f"lr{lr:g}")
+        sweep.append(_train_one(cfg, workdir, val_batches, log))
+      best = min(sweep, key=lambda r: r["val_loss"])
+      trained[train_name] = (best, sweep)
+    best, sweep = trained[train_name]
+    cfg = build_config(config_path, name, best["lr"], variant, overrides)
+    entry = {
+      "trained_as": train_name,
+      "lr": best["lr"],
+      "sweep": [
+        {k: r.get(k) for k in ("lr", "val_loss", "train_wall_s", "diverged")} for r in sweep
+      ],
+      "keys_per_query": cfg.model.attention.keys_per_query,
+      "kind": cfg.model.attention.kind,
+      "summary": cfg.model.attention.summary,
+      "yarn": cfg.eval.yarn,
+      "train_len": cfg.train.stages[-1].seq_len,
+      "train_wall_s": best.get("train_wall_s"),
+    }
+    if math.isinf(best["val_loss"]):
+      entry["results"] = {}
+      entry["note"] = "every learning rate diverged"
+      summary["mechanisms"][name] = entry
+      continue
+    t0 = time.time()
+    lengths = ",".join(f"{m}x" for m in multipliers)
+    log(f"evaluating {name} (lr {best['lr']:g}, yarn={cfg.eval.yarn})")
+    results = _retrieval(best["workdir"], multipliers, cfg.eval.yarn, retrieval_samples, log)
+    suite = evaluate.evaluate_checkpoint(
+      best["workdir"],
+      suites=tuple(tasks),
+      lengths=lengths,
+      depths=tuple(depths),
+      num_samples=num_samples,
+      batch_size=batch_size,
+      yarn=cfg.eval.yarn,
+      out_dir=os.path.join(out_dir, "eval", name),
+      label=name,
+      log=log,
+    )
+    for (task, length), r in evaluate.pool(suite["cells"]).items():
+      results.setdefault(task, {})[length] = r
+    entry["results"] = {t: {str(n): r for n, r in by.items()} for t, by in results.items()}
+    entry["eval_wall_s"] = round(time.time() - t0, 1)
+    summary["mechanisms"][name] = entry
+  summary["wall_s"] = round(time.time() - t_start, 1)
+  with open(os.path.join(out_dir, "compare.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  table = comparison_table(summary)
+  with open(os.path.join(out_dir, "compare.md"), "w") as f:
+    f.write(table + "\n")
+  plot_comparison(summary, out_dir)
+  log(table)
+  return summary
+
+
+def _fmt(r) -> str:
+  if r is None:
+    return ""
+  return f"{r['mean']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] n={r['n']}"
+
+
+def comparison_table(summary: dict) -> str:
+  """Markdown: one summary table (learning rate, budget, pairs attended, wall time), then
+  per evaluation length a task x mechanism table of accuracy [95% interval] n."""
+  mechs = summary["mechanisms"]
+  names = list(mechs)
+  lengths = sorted({int(n) for e in mechs.values() for by in e["results"].values() for n in by})
+  lines = [
+    "| mechanism | lr (held-out loss per lr) | keys/query | pairs attended "
+    + " / ".join(str(n) for n in lengths)
+    + " | train wall | eval wall |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
+  for name in names:
+    e = mechs[name]
+    sweep = ", ".join(f"{r['lr']:g}: {r['val_loss']:.3f}" for r in e["sweep"])
+    pairs = []
+    for n in lengths:
+      vals = [by[str(n)]["pairs_fraction"] for by in e["results"].values() if str(n) in by]
+      pairs.append(f"{100 * np.mean(vals):.1f}%" if vals else "")
+    kpq = "all" if e["kind"] == "dense" else str(e["keys_per_query"])
+    lines.append(
+      f"| {name} | {e['lr']:g} ({sweep}) | {kpq} | {' / '.join(pairs)} | "
+      f"{e.get('train_wall_s') or 0:.0f}s | {e.get('eval_wall_s', 0):.0f}s |"
+    )
+  tasks = list(dict.fromkeys(t for e in mechs.values() for t in e["results"]))
+  train_len = next(iter(mechs.values()))["train_len"] if mechs else 1
+  for n in lengths:
+    lines += ["", f"**{n} tokens ({n / train_len:g}x the training length)**", ""]
+    lines.append("| task | " + " | ".join(names) + " |")
+    lines.append("|" + " --- |" * (len(names) + 1))
+    for t in tasks:
+      row = [_fmt(mechs[m]["results"].get(t, {}).get(str(n))) for m in names]
+      lines.append(f"| {t} | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def plot_comparison(summary: dict, out_dir: str):
+  """compare_accuracy.png (a panel per task) and compare_pairs.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  mechs = {k: v for k, v in summary["mechanisms"].items() if v["results"]}
+  if not mechs:
+    return
+  tasks = list(dict.fromkeys(t for e in mechs.values() for t in e["results"]))
+  train_len = next(iter(mechs.values()))["train_len"]
+  cols = min(3, len(tasks))
+  rows = -(-len(tasks) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
+  for ax, task in zip(axes.flat, tasks, strict=False):
+    for name, e in mechs.items():
+      by = e["results"].get(task, {})
+      ns = sorted(by, key=int)
+      if not ns:
+        continue
+      y = np.array([by[n]["mean"] for n in ns])
+      err = [y - [by[n]["lo"] for n in ns], np.array([by[n]["hi"] for n in ns]) - y]
+      ax.errorbar([int(n) for n in ns], y, yerr=err, marker="o", capsize=2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.axvline(train_len, color="gray", ls=":")
+    ax.set_title(task, fontsize=9)
+    ax.set_xlabel("tokens")
+  for ax in list(axes.flat)[len(tasks) :]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "compare_accuracy.png"), dpi=110)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, e in mechs.items():
+    ns = sorted({int(n) for by in e["results"].values() for n in by})
+    vals = [
+      np.mean([by[str(n)]["pairs_fraction"] for by in e["results"].values() if str(n) in by])
+      for n in ns
+    ]
+    ax.plot(ns, vals, "o-", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("fraction of causal token pairs attended")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "compare_pairs.png"), dpi=110)
+  plt.close(fig)
