@@ -264,7 +264,12 @@ class _Runner:
       pairs = jnp.mean(jnp.stack([jnp.mean(i.pairs_attended) for i in infos]))
       return jnp.argmax(logits, -1), pairs / (t * (t + 1) / 2)
 
-    self.forward = forward
+    self._forward = forward
+
+  def teacher_forced(self, tokens):
+    """(argmax predictions [B, T], pairs fraction) of one forward over `tokens`."""
+    pred, fraction = self._forward(self.params, jnp.asarray(tokens))
+    return np.asarray(pred), float(fraction)
 
   def cache_len(self, n: int) -> int:
     return -(-n // self.multiple) * self.multiple
@@ -327,9 +332,8 @@ def _score_teacher_forced(runner: _Runner, samples, tokenizer, batch: int, lengt
   for i in range(0, len(samples), batch):
     chunk = encoded[i : i + batch]
     tokens = _pad_rows([e.tokens for e in chunk], width, batch, tokenizer.pad_id)
-    pred, fraction = runner.forward(runner.params, jnp.asarray(tokens))
-    pred = np.asarray(pred)
-    fractions.append(float(fraction))
+    pred, fraction = runner.teacher_forced(tokens)
+    fractions.append(fraction)
     for j, (e, s) in enumerate(zip(chunk, samples[i : i + batch], strict=True)):
       spans = answer_spans(e.answer_mask)
       for (a, b), dist in zip(spans, s.meta.get("distances", [None] * len(spans)), strict=True):
