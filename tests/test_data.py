@@ -84,6 +84,26 @@ def test_mqar_answers_match_pairs():
   assert s.answer_mask.sum() == CFG.mqar.num_queries * CFG.mqar.value_len
 
 
+def test_mqar_spread_layout_scatters_queries():
+  """layout="spread": the pairs first, every queried key right before its own answer, and
+  the queries spread through the sequence (the last one far from the pairs)."""
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  cfg = tasks.MQARConfig(
+    num_pairs=6, num_queries=6, key_len=1, value_len=1, separator="", key_alphabet="greek",
+    layout="spread",
+  )  # fmt: skip
+  s = tasks.mqar(np.random.default_rng(5), TOK, stream, 2000, cfg)
+  assert s.tokens.shape == (2000,) and s.answer_mask.sum() == 6
+  text = TOK.decode(s.tokens)
+  head = text[text.index("mqar ") : text.index(" |")]
+  table = dict((p[:-1], p[-1]) for p in head[len("mqar ") :].split(" "))
+  answers = np.flatnonzero(s.answer_mask)
+  for a in answers:
+    key = TOK.decode(s.tokens[a - 2 : a])  # a Greek letter is two bytes
+    assert table[key] == TOK.decode(s.tokens[a : a + 1])
+  assert answers[-1] - answers[0] > 500  # scattered over the 2,000 tokens
+
+
 def test_task_too_long_names_the_task():
   with pytest.raises(ValueError, match="niah"):
     make_sample(CFG, TOK, np.arange(100, dtype=np.int32), 50, np.random.default_rng(0), "niah")

@@ -51,8 +51,14 @@ class MQARConfig:
   value_len: int = 3
   separator: str = ":"  # between key and value; "" = Zoology's adjacent key-value tokens
   key_alphabet: str = "latin"  # one of KEY_ALPHABETS; values are digits
+  # "block": Zoology's layout, the queries right after the pairs; "spread": the queries at
+  # uniformly random offsets of the code that fills the rest of the sequence, so the
+  # key-to-query distance grows with the length.
+  layout: str = "block"
 
   def __post_init__(self):
+    if self.layout not in ("block", "spread"):
+      raise ValueError(f"mqar.layout={self.layout!r} is not one of ('block', 'spread')")
     if not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(
         f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
@@ -133,7 +139,8 @@ def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> S
 
 
 def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
-  """Key-value pairs then queries, packed between code windows with separators."""
+  """Key-value pairs then queries: packed between code windows with separators
+  (layout "block"), or the pairs first and the queries scattered through code ("spread")."""
   enc = tokenizer.encode
 
   def word(alphabet, n):
@@ -150,10 +157,24 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
     (enc("mqar " + " ".join(f"{k}{kv_sep}{v}" for k, v in zip(keys, values, strict=True))), False)
   ]
   parts.append((enc(" |"), False))
-  for i in rng.permutation(cfg.num_pairs)[: cfg.num_queries]:
-    parts += [(enc(f" {keys[i]}{kv_sep}"), False), (enc(values[i]), True)]
-  doc_len = sum(len(p) for p, _ in parts)
+  queries = [
+    [(enc(f" {keys[i]}{kv_sep}"), False), (enc(values[i]), True)]
+    for i in rng.permutation(cfg.num_pairs)[: cfg.num_queries]
+  ]
   sep = np.asarray([tokenizer.sep_id], np.int32)
+  if cfg.layout == "spread":
+    free = length - 1 - sum(len(p) for p, _ in parts + sum(queries, []))
+    if free < 0:
+      raise ValueError(f"mqar: length={length} is too short for {cfg.num_pairs} pairs")
+    fill = code_window(rng, stream, free)
+    parts.insert(0, (sep, False))
+    prev = 0
+    for cut, query in zip(np.sort(rng.integers(0, free + 1, len(queries))), queries, strict=True):
+      parts += [(fill[prev:cut], False)] + query
+      prev = cut
+    return _fit(_concat(parts + [(fill[prev:], False)]), length, "mqar")
+  parts += sum(queries, [])
+  doc_len = sum(len(p) for p, _ in parts)
   free = length - doc_len - 2
   if free < 0:
     raise ValueError(f"mqar: length={length} is too short for {cfg.num_pairs} pairs")
