@@ -53,7 +53,10 @@ from subq_jax import ssa as ssa_lib
 from subq_jax.config import BLOCK_KINDS, SSAConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
-CHUNK_ELEMENTS = 1 << 25  # f32 logits per query chunk of the dense ring step
+# f32 logits per query chunk of the dense ring step: small on CPU (tests), large on
+# accelerators, where each chunk is a sequential step of a loop.
+CHUNK_ELEMENTS = {"cpu": 1 << 25}
+DEFAULT_CHUNK_ELEMENTS = 1 << 28
 
 
 # --------------------------------------------------------------------- public entry
@@ -236,7 +239,11 @@ def block_sparse_shard(
   rq = q if routing_q is None else routing_q
   rk = k if routing_k is None else routing_k
   score_fn, attention_fn = ssa_lib._ops(implementation, rq.dtype)
-  selected = _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, num_shards, layout)
+  # Pallas scores in the inputs' dtype anyway: rows in it halve their memory.
+  rows_dtype = rq.dtype if implementation == "pallas" else jnp.float32
+  selected = _select_shard(
+    rq, rk, config, tile_j0, score_fn, axis_name, num_shards, layout, rows_dtype
+  )
   ids = _slot_list(selected, tile_j0, config)
   out = _ring_block_attention(
     q, k, v, ids, config, attention_fn, scale, axis_name, num_shards, layout
@@ -244,7 +251,7 @@ def block_sparse_shard(
   return (out, selected) if return_selected else out
 
 
-def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout):
+def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout, rows_dtype):
   """Chosen global block ids [b, kv_heads, local tiles, top_k], ascending, -1 empty."""
   rq, rk = jax.lax.stop_gradient(rq), jax.lax.stop_gradient(rk)
   b, _, hkv, _ = rk.shape
@@ -259,7 +266,7 @@ def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout):
   local_level1 = ssa_lib._tree(rk, config)[0]  # [b, hkv, n_local, D]
   gathered = jax.lax.all_gather(local_level1, axis_name, axis=2, tiled=True)  # (shard, m) order
   level1 = gathered[:, :, np.argsort(table.reshape(-1))]  # global block order
-  rows = _routing_rows(rq, hkv, config, axis_name, p, layout)
+  rows = _routing_rows(rq, hkv, config, axis_name, p, layout, rows_dtype)
   if config.kind == "block_topk":
     chosen = ssa_lib._flat_topk(rows, level1, prefix, config)
   else:
@@ -287,12 +294,14 @@ def _tree_from_level1(level1, config: SSAConfig) -> list[jax.Array]:
   return ssa_lib._tree(keys.transpose(0, 2, 1, 3), tiny)
 
 
-def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout):
-  """Routing rows of the local tiles, [b, kv_heads, local tiles, Q * G, D].
+def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout, dtype=jnp.float32):
+  """Routing rows of the local tiles, [b, kv_heads, local tiles, Q * G, D] (as
+  `ssa._routing_rows` on one device, in `dtype`).
 
-  Each local block is extended in front by the last Q routing queries of its global
-  predecessor (from whichever shard owns it), and `ssa._routing_rows` routes the
-  extended block; its first tile (all halo) is dropped.
+  Tile j of a block routes with the block's positions j Q - Q + 1 .. j Q; negative
+  positions are the last routing queries of the block's global predecessor (the halo,
+  from whichever shard owns it). Rows are gathered from the block and its halo directly:
+  nothing of the block's size is concatenated or routed twice.
   """
   b, tl, hq, dr = rq.shape
   bs, qt = config.block_size, config.tile
@@ -305,11 +314,18 @@ def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout):
   for s, sent in zip(shifts, sends, strict=True):
     options.append(jax.lax.ppermute(tails[:, sent], axis_name, _ring(p, s)))
   options.append(jnp.broadcast_to(blocks[:, :, :1], tails.shape))
-  halo = jnp.concatenate(options, axis=1)[:, jnp.asarray(index)[me]]
-  extended = jnp.concatenate([halo, blocks], axis=2)
-  rows = ssa_lib._routing_rows(extended.reshape(b * n_local, qt + bs, hq, dr), hkv, config)
-  rows = rows[:, :, 1:].reshape(b, n_local, hkv, bs // qt, *rows.shape[-2:])
-  return rows.transpose(0, 2, 1, 3, 4, 5).reshape(b, hkv, n_local * (bs // qt), *rows.shape[-2:])
+  halo = jnp.concatenate(options, axis=1)[:, jnp.asarray(index)[me]]  # [b, n, qt, hq, dr]
+  pos = (np.arange(bs // qt)[:, None] * qt - qt + 1 + np.arange(qt)).reshape(-1)
+  from_halo = jnp.asarray(pos < 0)[None, None, :, None, None]
+  rows = jnp.where(
+    from_halo, halo[:, :, np.maximum(pos + qt, 0)], blocks[:, :, np.maximum(pos, 0)]
+  ).astype(dtype)
+  g = hq // hkv
+  rows = rows.reshape(b, n_local, bs // qt, qt, hkv, g, dr).transpose(0, 4, 1, 2, 3, 5, 6)
+  rows = rows.reshape(b, hkv, n_local * (bs // qt), qt * g, dr)
+  if config.summary == "bounds":
+    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+  return rows
 
 
 def _slot_list(selected, tile_j0, config: SSAConfig):
@@ -358,7 +374,7 @@ def _ring_block_attention(q, k, v, ids, config, attention_fn, scale, axis_name, 
     o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
     return o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
 
-  return ring(compute, axis_name, p, q, (k, v), (ids_owner, ids_local)).astype(q.dtype)
+  return ring(compute, axis_name, p, q, (k, v), (ids_owner, ids_local))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -374,7 +390,8 @@ def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   K/V round the ring again with dK/dV accumulators beside them (ring-flash-attention
   style), recomputing each step, and a last send returns every dK/dV to its owner. So
   per-device memory stays O(T/P): plain autodiff would keep every held chunk.
-  `aux` (int arrays) gets no cotangent. Returns the float32 output.
+  `aux` (int arrays) gets no cotangent. Partials merge in float32; the output (and the
+  residual kept for the backward pass) is in q's dtype, as a single-device kernel's.
   """
   return _ring_fwd(compute, axis_name, p, q, kv, aux)[0]
 
@@ -394,6 +411,7 @@ def _ring_fwd(compute, axis_name, p, q, kv, aux):
     if p > 2:
       (out, lse, held), _ = jax.lax.scan(step, (out, lse, held), jnp.arange(1, p - 1))
     out, lse = merge_partials(out, lse, *compute(p - 1, q, held, False, aux))
+  out = out.astype(q.dtype)
   return out, (q, kv, aux, out, lse)
 
 
@@ -402,16 +420,17 @@ def _ring_bwd(compute, axis_name, p, res, d_out):
   send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
   # Row term of the softmax backward through the merge: out = sum_s w_s out_s with
   # w_s = exp(lse_s - lse), so d out_s = w_s d_out and d lse_s = w_s (d_out . (out_s - out)).
-  d_out = d_out.astype(jnp.float32)
+  # d_out and out stay in q's dtype; the products are float32 (fused, never stored).
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
   def step_grads(index, held, own):
     (o_s, lse_s), vjp = jax.vjp(lambda q, kv: compute(index, q, kv, own, aux), q, held)
     w = jnp.exp(lse_s - lse)  # [b, h, t]; 0 where the step saw no key
     w_t = w.transpose(0, 2, 1)[..., None]
-    d_lse = w * jnp.sum(d_out * (o_s.astype(jnp.float32) - out), -1).transpose(0, 2, 1)
-    return vjp(((w_t * d_out).astype(o_s.dtype), d_lse))
+    delta = jnp.sum(f32(d_out) * (f32(o_s) - f32(out)), -1)
+    d_lse = w * delta.transpose(0, 2, 1)
+    return vjp(((w_t * f32(d_out)).astype(o_s.dtype), d_lse))
 
-  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
   d_q, d_held = f32(step_grads(0, kv, True))
   if p > 1:
 
@@ -471,7 +490,7 @@ def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_siz
     me = jax.lax.axis_index(axis_name)
     return dense_partial(q, kv[0], kv[1], aux, positions((me - step) % p), scale)
 
-  return ring(compute, axis_name, p, q, (k, v), q_pos).astype(q.dtype)
+  return ring(compute, axis_name, p, q, (k, v), q_pos)
 
 
 def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):
@@ -485,7 +504,8 @@ def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = 
   tk, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
   if queries_per_chunk is None:
-    queries_per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * hq * tk)))
+    elements = CHUNK_ELEMENTS.get(jax.default_backend(), DEFAULT_CHUNK_ELEMENTS)
+    queries_per_chunk = max(1, min(t, elements // max(1, b * hq * tk)))
   while t % queries_per_chunk:
     queries_per_chunk -= 1
   precision = HIGHEST if q.dtype == jnp.float32 else None

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from subq_jax import seq_parallel, sharding
+from subq_jax import ssa as ssa_lib
 from subq_jax import train as train_lib
 
 
@@ -36,7 +38,9 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
       raise ValueError("sequence-parallel attention returns no AttentionInfo")
     if kwargs.pop("indexer_weights", None) is not None:
       raise ValueError("kind='indexer' has no sequence-parallel path")
-    impl = "pallas" if implementation == "pallas" else "xla"
+    if implementation is None:  # as ssa_attention: Pallas kernels on GPU where they fit
+      implementation = ssa_lib._default_implementation(q, k, config)
+    impl = "pallas" if implementation == "pallas" and config.kind != "dense" else "xla"
     return seq_parallel.sharded_attention(
       q,
       k,
@@ -51,6 +55,21 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
     )
 
   return attend
+
+
+def init_optimizer(tx, params, mesh, param_shardings):
+  """`tx.init(params)` placed on `mesh`: every subtree shaped like the parameters (Adam's
+  moments) sharded as they are, the rest (step counts) replicated. Placing it so keeps
+  the step from compiling a second time for the shardings its first call returns."""
+  structure = jax.tree.structure(param_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  like_params = lambda x: jax.tree.structure(x) == structure
+
+  def place(node):
+    return param_shardings if like_params(node) else replicated
+
+  opt_state = jax.jit(tx.init)(params)
+  return jax.device_put(opt_state, jax.tree.map(place, opt_state, is_leaf=like_params))
 
 
 def layout_block_size(model_cfg) -> int:
