@@ -207,7 +207,7 @@ def report(result: dict) -> str:
   for r in rows:
     if r.get("job") == "layer" and r.get("collectives") and r.get("phase") == "time":
       parts = [
-        f"{op} x{c['count']}: {c.get('max_elements', 0) / r.get('full_k_elements', 1):.2f} K"
+        f"{op} x{c['count']} ({', '.join(c.get('shapes', []))})"
         for op, c in r["collectives"].items()
       ]
       out.append(f"- {r['kind']} at T={r['seq_len']:,}: " + "; ".join(parts))

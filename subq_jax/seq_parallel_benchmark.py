@@ -63,8 +63,10 @@ def collectives(hlo_text: str) -> dict:
         (int(np.prod([int(x) for x in dims.split(",") if x] or [1])), _DTYPE_BYTES.get(dt, 4))
         for dt, dims in re.findall(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]", rhs[: m.start()])
       ]
-      entry = out.setdefault(op, {"count": 0, "max_bytes": 0, "max_elements": 0})
+      entry = out.setdefault(op, {"count": 0, "max_bytes": 0, "max_elements": 0, "shapes": []})
       entry["count"] += 1
+      shapes = re.findall(r"\b[a-z]+[0-9]*\[[0-9,]*\]", rhs[: m.start()])
+      entry["shapes"] = sorted(set(entry["shapes"]) | set(shapes))[:12]
       entry["max_bytes"] = max([entry["max_bytes"]] + [n * b for n, b in arrays])
       entry["max_elements"] = max([entry["max_elements"]] + [n for n, _ in arrays])
   return out
