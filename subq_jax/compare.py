@@ -300,6 +300,7 @@ def comparison_table(summary: dict) -> str:
     for t in tasks:
       row = [_fmt(mechs[m]["results"].get(t, {}).get(str(n))) for m in names]
       lines.append(f"| {t} | " + " | ".join(row) + " |")
+  lines += ["", "Blank: the task's fixed text does not fit that length (skipped)."]
   return "\n".join(lines)
 
 
