@@ -10,7 +10,9 @@ units stay full for any GQA ratio.
   output and log-sum-exp.
 - backward: dq query-centric (same grid as the forward); dk/dv key-centric, one
   program per (batch, kv head, block) looping over the tiles that listed the block
-  (the transposed CSR index from `index.py`, built on device in XLA).
+  (the transposed CSR index from `index.py`, built on device in XLA), one chunk of
+  block_m_dkv rows per step; optionally one program per bounded segment of that list,
+  with f32 partial sums for the blocks that get several (`BlockSizes.dkv_chunk`).
 
 The lists are compacted first (`index.compact_block_lists`): valid blocks ascending,
 so the tile's own block, the only one that needs a causal mask, comes last.
