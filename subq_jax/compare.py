@@ -3,8 +3,8 @@
 `run(...)` trains every mechanism of `MECHANISMS` (variants of `configs/ablation.py`)
 at each learning rate of a small sweep, keeps the rate with the lowest held-out loss,
 and evaluates that run at multiples of the training length:
-- the training-format retrieval tasks (`subq_jax.data.tasks` NIAH and MQAR; teacher-
-  forced exact match, as the training loop reports), and
+- the training-format retrieval tasks (`subq_jax.data.tasks` NIAH and MQAR packed with
+  code, as trained; teacher-forced exact match), and
 - a suite of `subq_jax.data.ruler` tasks with greedy KV-cache decoding
   (`subq_jax.evaluate.suite_eval`).
 It writes `compare.json`, `compare.md` and two PNGs (accuracy and pairs attended against
@@ -16,7 +16,6 @@ interrupted comparison resumes.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import math
@@ -144,33 +143,6 @@ def _train_one(cfg, workdir: str, val_batches: int, log) -> dict:
   return record
 
 
-def _retrieval(workdir: str, multipliers, yarn: bool, num_samples: int, log) -> dict:
-  """Training-format NIAH / MQAR (teacher-forced) of the run in `workdir`."""
-  from subq_jax import evaluate
-  from subq_jax.data import scoring
-
-  params, model_cfg, run_cfg, _ = evaluate.load_checkpoint(workdir)
-  ev = dataclasses.replace(
-    run_cfg.eval, multipliers=tuple(multipliers), yarn=yarn, num_samples=num_samples
-  )
-  run_cfg = dataclasses.replace(run_cfg, eval=ev)
-  train_len = run_cfg.train.stages[-1].seq_len
-  res = evaluate.retrieval_eval(params, model_cfg, run_cfg, train_len, log=log)
-  out = {}
-  for task, by_mult in res.items():
-    for mult, r in by_mult.items():
-      n = r["queries"]
-      lo, hi = scoring.wilson_interval(r["accuracy"] * n, n) if n else (math.nan, math.nan)
-      out.setdefault(f"{task} (train format, TF)", {})[mult * train_len] = {
-        "mean": r["accuracy"],
-        "n": n,
-        "lo": lo,
-        "hi": hi,
-        "pairs_fraction": r["pairs_fraction"],
-      }
-  return out
-
-
 def run(
   out_dir: str,
   *,
@@ -232,7 +204,6 @@ def run(
     t0 = time.time()
     lengths = ",".join(f"{m}x" for m in multipliers)
     log(f"evaluating {name} (lr {best['lr']:g}, yarn={cfg.eval.yarn})")
-    results = _retrieval(best["workdir"], multipliers, cfg.eval.yarn, retrieval_samples, log)
     suite = evaluate.evaluate_checkpoint(
       best["workdir"],
       suites=tuple(tasks),
@@ -243,8 +214,11 @@ def run(
       yarn=cfg.eval.yarn,
       out_dir=os.path.join(out_dir, "eval", name),
       label=name,
+      train_tasks=("niah", "mqar"),
+      train_samples=retrieval_samples,
       log=log,
     )
+    results = {}
     for (task, length), r in evaluate.pool(suite["cells"]).items():
       results.setdefault(task, {})[length] = r
     entry["results"] = {t: {str(n): r for n, r in by.items()} for t, by in results.items()}

@@ -70,12 +70,13 @@ def _routing_inputs(a: SSAConfig, q, k, routing):
   return None
 
 
-def prefill(model, tokens_BxT, lengths_B):
+def prefill(model, tokens_BxT, lengths_B, *, return_argmax: bool = False):
   """Full forward over padded prompts.
 
   Returns logits [B, V] at each row's last prompt token, the cache (positions
   `lengths_B` are next), and the mean over layers of the fraction of causal token pairs
-  each mechanism attended over the whole T (float32 scalar).
+  each mechanism attended over the whole T (float32 scalar); with `return_argmax`, also
+  the argmax of the logits at every position [B, T] (teacher-forced scoring).
   """
   cfg = model.cfg
   b, t = tokens_BxT.shape
@@ -106,10 +107,14 @@ def prefill(model, tokens_BxT, lengths_B):
     x, (layer, p) = _layer(block, x, positions, inv_freq, attend_fn)
     layers.append(layer)
     pairs.append(p)
-  last = x[jnp.arange(b), lengths_B - 1][:, None]
-  logits = model.head(last)[:, 0]
   fraction = jnp.mean(jnp.stack(pairs)) / (t * (t + 1) / 2)
-  return logits, {"pos": lengths_B, "layers": layers}, fraction
+  cache = {"pos": lengths_B, "layers": layers}
+  if return_argmax:
+    every = model.head(x)
+    logits = every[jnp.arange(b), lengths_B - 1]
+    return logits, cache, fraction, jnp.argmax(every, axis=-1).astype(jnp.int32)
+  logits = model.head(x[jnp.arange(b), lengths_B - 1][:, None])[:, 0]
+  return logits, cache, fraction
 
 
 def _ring_from_prefill(rq_BxTxHxD, lengths_B, size: int):
@@ -274,10 +279,12 @@ def _route(a: SSAConfig, layer, pos_B, prefix_B, hkv: int):
 
 def make_generate(graphdef, capacity: int):
   """Jitted greedy decoding: (params, tokens_BxT, lengths_B, num_new=capacity) ->
-  (generated [B, capacity] int32, pairs fraction).
+  (generated [B, capacity] int32, pairs fraction, argmax at every prompt position
+  [B, T] int32).
 
   Prefill once, then `num_new - 1` cached steps in a loop whose trip count is traced,
-  so tasks with different generation budgets up to `capacity` share one compile;
+  so tasks with different generation budgets up to `capacity`, and teacher-forced
+  scoring (`num_new=1`, the argmax of the prefill), share one compile per shape;
   columns from `num_new` on are the pad value -1.
   """
   if capacity < 1:
@@ -286,7 +293,7 @@ def make_generate(graphdef, capacity: int):
   @jax.jit
   def generate(params, tokens_BxT, lengths_B, num_new):
     model = nnx.merge(graphdef, params)
-    logits, cache, fraction = prefill(model, tokens_BxT, lengths_B)
+    logits, cache, fraction, every = prefill(model, tokens_BxT, lengths_B, return_argmax=True)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((first.shape[0], capacity), -1, jnp.int32).at[:, 0].set(first)
 
@@ -297,7 +304,7 @@ def make_generate(graphdef, capacity: int):
       return cache, nxt, out.at[:, i].set(nxt)
 
     _, _, out = jax.lax.fori_loop(1, jnp.minimum(num_new, capacity), body, (cache, first, out))
-    return out, fraction
+    return out, fraction, every
 
   def call(params, tokens_BxT, lengths_B, num_new: int | None = None):
     num_new = capacity if num_new is None else num_new

@@ -222,6 +222,9 @@ class SuiteConfig:
   seed: the samples of a cell are `ruler.generate(task, length, seed=[seed, length,
     depth index (999 without a depth), i])`.
   split: corpus split of the filler text (`validation`: never trained on).
+  train_tasks: the training mixture's own tasks (`niah`, `mqar` of
+    `subq_jax.data.tasks`, packed with code as in training; needs the run's DataConfig),
+    scored teacher-forced on `train_samples` sequences per length.
   """
 
   tasks: tuple[str, ...] = ("niah_single_2",)
@@ -232,9 +235,16 @@ class SuiteConfig:
   yarn: bool = False
   seed: int = 0
   split: str = "validation"
+  train_tasks: tuple[str, ...] = ()
+  train_samples: int = 32
 
   def __post_init__(self):
     from subq_jax.data import ruler
+
+    object.__setattr__(self, "train_tasks", tuple(self.train_tasks))
+    for t in self.train_tasks:
+      if t not in ("niah", "mqar"):
+        raise ValueError(f"train_tasks has {t!r}, not one of ('niah', 'mqar')")
 
     for t in self.tasks:
       if t not in ruler.TASKS:
@@ -246,7 +256,8 @@ class SuiteConfig:
 
 
 class _Runner:
-  """Jitted prefill + greedy decoding and teacher-forced forwards, one compile per shape."""
+  """Jitted prefill + greedy decoding; teacher-forced scoring reads the same prefill's
+  argmax, so one compile per (cache length, capacity) serves both."""
 
   def __init__(self, params, model_cfg: ModelConfig):
     from subq_jax import decode
@@ -255,36 +266,33 @@ class _Runner:
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     self.multiple = decode.cache_multiple(model_cfg)
     self._generate = {}
-    graphdef = self.graphdef
-
-    @jax.jit
-    def forward(params, tokens):
-      logits, infos = nnx.merge(graphdef, params)(tokens, return_info=True)
-      t = tokens.shape[1]
-      pairs = jnp.mean(jnp.stack([jnp.mean(i.pairs_attended) for i in infos]))
-      return jnp.argmax(logits, -1), pairs / (t * (t + 1) / 2)
-
-    self._forward = forward
-
-  def teacher_forced(self, tokens):
-    """(argmax predictions [B, T], pairs fraction) of one forward over `tokens`."""
-    pred, fraction = self._forward(self.params, jnp.asarray(tokens))
-    return np.asarray(pred), float(fraction)
 
   def cache_len(self, n: int) -> int:
     return -(-n // self.multiple) * self.multiple
 
-  def generate(self, tokens, lengths, max_new: int):
+  def _call(self, tokens, lengths, max_new: int):
     from subq_jax import decode
 
-    # Budgets share a compile per power-of-two capacity (NIAH, vt and QA: 128).
+    # Budgets share a compile per power-of-two capacity (NIAH, vt, QA and teacher forcing:
+    # 128).
     capacity = max(128, 1 << (max_new - 1).bit_length())
     if capacity not in self._generate:
       self._generate[capacity] = decode.make_generate(self.graphdef, capacity)
-    out, fraction = self._generate[capacity](
-      self.params, jnp.asarray(tokens), jnp.asarray(lengths), max_new
+    return self._generate[capacity](
+      self.params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), max_new
     )
+
+  def generate(self, tokens, lengths, max_new: int):
+    """(greedy continuations [B, max_new], pairs fraction)."""
+    out, fraction, _ = self._call(tokens, lengths, max_new)
     return np.asarray(out)[:, :max_new], float(fraction)
+
+  def teacher_forced(self, tokens):
+    """(argmax predictions [B, T], pairs fraction) of one forward over `tokens`."""
+    tokens = np.asarray(tokens)
+    lengths = np.full(tokens.shape[0], tokens.shape[1], np.int32)
+    _, fraction, every = self._call(tokens, lengths, 1)
+    return np.asarray(every), float(fraction)
 
 
 def _pad_rows(rows: list[np.ndarray], width: int, batch: int, pad_id: int) -> np.ndarray:
@@ -352,10 +360,14 @@ def suite_eval(
   tokenizer=None,
   corpus_root: str | None = None,
   val_fraction: float = 0.05,
+  data_cfg=None,
   log=print,
 ) -> list[dict]:
   """One result per (task, length, depth) cell, each with its sample count, 95% Wilson
-  interval, the filler used and the fraction of causal token pairs attended."""
+  interval, the filler used and the fraction of causal token pairs attended.
+
+  Samples are cached in memory across calls (byte tokenizer), so evaluating several
+  models on the same suite generates them once."""
   import time
 
   from subq_jax.data import ruler, scoring
@@ -376,8 +388,7 @@ def suite_eval(
         cell_seed = [suite.seed, length, 999 if d_idx is None else d_idx]
         try:
           samples = [
-            ruler.generate(task, length, seed=[*cell_seed, i], source=source, depth=depth)
-            for i in range(suite.num_samples)
+            _sample(task, length, (*cell_seed, i), source, depth) for i in range(suite.num_samples)
           ]
         except ValueError as e:  # the task's fixed text does not fit this length
           log(f"{task} at {length} tokens: skipped ({e})")
@@ -423,7 +434,76 @@ def suite_eval(
           f"[{cell['lo']:.3f}, {cell['hi']:.3f}] (n={cell['n']}), pairs attended "
           f"{100 * fraction:.1f}%, filler {'/'.join(cell['filler'])}, {cell['wall_s']:.1f}s"
         )
+    for task in suite.train_tasks:
+      if data_cfg is None:
+        raise ValueError("suite.train_tasks needs the run's data_cfg")
+      t0 = time.time()
+      scores, fraction = _train_format(runner, data_cfg, tokenizer, task, length, suite)
+      cell = {
+        "task": f"{task} (train format)",
+        "length": length,
+        "multiplier": length / train_len,
+        "depth": None,
+        "metric": "exact",
+        "filler": ["code"],
+        "filler_source": [f"corpus:{data_cfg.corpus_root or 'stdlib'}:validation"],
+        "rope_scale": mcfg.rope_scale,
+        "yarn": suite.yarn,
+        "samples": suite.train_samples,
+        "scoring": "teacher-forced exact match per query",
+        **scoring.mean_score(scores),
+        "scores": [float(x) for x in scores],
+        "pairs_fraction": fraction,
+        "wall_s": round(time.time() - t0, 2),
+      }
+      cells.append(cell)
+      log(
+        f"{cell['task']} at {length} tokens: {cell['mean']:.3f} [{cell['lo']:.3f}, "
+        f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%"
+      )
   return cells
+
+
+_SAMPLES: dict = {}  # (task, length, seed, depth, source key) -> TaskSample
+
+
+def _sample(task: str, length: int, seed: tuple, source, depth):
+  from subq_jax.data import ruler
+  from subq_jax.data.tokenizer import ByteTokenizer
+
+  if not isinstance(source.tokenizer, ByteTokenizer):
+    return ruler.generate(task, length, seed=list(seed), source=source, depth=depth)
+  key = (task, length, seed, depth, source.root, source.split, source.val_fraction)
+  if key not in _SAMPLES:
+    _SAMPLES[key] = ruler.generate(task, length, seed=list(seed), source=source, depth=depth)
+  return _SAMPLES[key]
+
+
+def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
+  """Teacher-forced exact match of every query of the training-format `task`:
+  (scores per query, pairs fraction)."""
+  from subq_jax.data.pipeline import make_sample
+
+  stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
+  index = ("niah", "mqar").index(task)
+  seqs = [
+    make_sample(
+      data_cfg, tokenizer, stream, length, np.random.default_rng([suite.seed, 7, index, i]), task
+    )
+    for i in range(suite.train_samples)
+  ]
+  width = runner.cache_len(length)
+  scores, fractions = [], []
+  for i in range(0, len(seqs), suite.batch_size):
+    chunk = seqs[i : i + suite.batch_size]
+    tokens = _pad_rows([c["tokens"][:-1] for c in chunk], width, suite.batch_size, tokenizer.pad_id)
+    pred, fraction = runner.teacher_forced(tokens)
+    fractions.append(fraction)
+    for j, c in enumerate(chunk):
+      target = c["tokens"][1:]
+      for a, b in answer_spans(c["answer_mask"][1:]):
+        scores.append(float(np.all(pred[j, a:b] == target[a:b])))
+  return scores, float(np.mean(fractions))
 
 
 def pool(cells: list[dict]) -> dict:
@@ -593,11 +673,14 @@ def evaluate_checkpoint(
   step: int | None = None,
   out_dir: str | None = None,
   label: str = "",
+  train_tasks: tuple[str, ...] = (),
+  train_samples: int = 32,
   log=print,
 ) -> dict:
   """Loads a training run's checkpoint, runs the named suites (`ruler.suite` names or
-  task names) and writes suite.json, suite.md and the PNGs to `out_dir` (default
-  `workdir/eval`). `yarn` None takes the run's `eval.yarn`."""
+  task names; `train_tasks`: the run's own training-format `niah` / `mqar`) and writes
+  suite.json, suite.md and the PNGs to `out_dir` (default `workdir/eval`). `yarn` None
+  takes the run's `eval.yarn`."""
   import time
 
   from subq_jax.data import ruler
@@ -614,6 +697,8 @@ def evaluate_checkpoint(
     batch_size=batch_size,
     yarn=cfg.eval.yarn if yarn is None else yarn,
     seed=seed,
+    train_tasks=tuple(train_tasks),
+    train_samples=train_samples,
   )
   kinds = [model_cfg.layer_attention(i).kind for i in range(model_cfg.num_layers)]
   label = label or f"{model_cfg.attention.kind} (step {step})"
@@ -626,6 +711,7 @@ def evaluate_checkpoint(
     tokenizer=cfg.data.make_tokenizer(),
     corpus_root=cfg.data.corpus_root,
     val_fraction=cfg.data.val_fraction,
+    data_cfg=cfg.data,
     log=log,
   )
   out_dir = out_dir or os.path.join(workdir, "eval")

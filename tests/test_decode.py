@@ -90,8 +90,11 @@ def test_generate_is_greedy():
   lengths = np.array([6, 9], np.int32)
   prompt = np.asarray(jax.random.randint(jax.random.key(4), (2, 24), 0, 256), np.int32)
   new = 5
-  gen, _ = decode.make_generate(graphdef, new)(params, jnp.asarray(prompt), jnp.asarray(lengths))
+  gen, _, every = decode.make_generate(graphdef, new)(
+    params, jnp.asarray(prompt), jnp.asarray(lengths)
+  )
   apply = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+  np.testing.assert_array_equal(every, np.argmax(apply(params, jnp.asarray(prompt)), axis=-1))
   seq = prompt.copy()  # causal: what follows a position never changes its logits
   for i in range(new):
     logits = apply(params, jnp.asarray(seq))

@@ -14,6 +14,7 @@ import pytest
 
 from subq_jax import compare, evaluate
 from subq_jax.data import ruler, scoring
+from subq_jax.data.pipeline import DataConfig
 from subq_jax.data.tokenizer import ByteTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +66,8 @@ def test_comparison_trains_selects_and_tabulates(comparison):
     r = e["results"]["niah_single_1"]["512"]
     assert r["n"] == 2 and 0 <= r["lo"] <= r["mean"] <= r["hi"] <= 1
     assert r["pairs_fraction"] == pytest.approx(1.0)  # dense attends to every pair
-    assert e["results"]["niah (train format, TF)"]["512"]["n"] >= 1
+    assert e["results"]["niah (train format)"]["512"]["n"] >= 1
+    assert e["results"]["mqar (train format)"]["512"]["pairs_fraction"] == pytest.approx(1.0)
   table = open(os.path.join(out, "compare.md")).read()
   assert "dense_yarn" in table and "n=2" in table and "512 tokens (4x" in table
   # Finished runs are reused, not trained again.
@@ -139,6 +141,8 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
     depths=(0.3,),
     num_samples=3,
     batch_size=2,
+    train_tasks=("niah", "mqar"),
+    train_samples=3,
   )
   targets = {}
   for task in suite.tasks:
@@ -156,20 +160,41 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
       out[r, : len(want)] = want
     return out, 0.5
 
+  # The training-format sequences' last target is not among the inputs: record them.
+  from subq_jax.data import pipeline
+
+  whole, make_sample = {}, pipeline.make_sample
+
+  def recording(*args):
+    sample = make_sample(*args)
+    whole[sample["tokens"][:-1].tobytes()] = sample["tokens"][1:]
+    return sample
+
   def teacher_forced(self, tokens):
     shifted = np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    for r, row in enumerate(tokens):
+      target = whole.get(row[:3000].tobytes())
+      if target is not None:
+        shifted[r, :3000] = target
     return (shifted + (1 if wrong[0] else 0)), 0.5
 
+  monkeypatch.setattr(pipeline, "make_sample", recording)
   monkeypatch.setattr(evaluate._Runner, "generate", oracle)
   monkeypatch.setattr(evaluate._Runner, "teacher_forced", teacher_forced)
-  kw = dict(corpus_root=ROOT, val_fraction=0.3, log=lambda *_: None)
+  data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3)
+  kw = dict(corpus_root=ROOT, val_fraction=0.3, data_cfg=data_cfg, log=lambda *_: None)
   for wrong[0], expect in ((None, 1.0), ("no", 0.0)):
     cells = evaluate.suite_eval(None, ModelConfig(dtype="float32"), 1000, suite, **kw)
-    assert {c["task"] for c in cells} == set(suite.tasks)
+    trained = {"niah (train format)", "mqar (train format)"}
+    assert {c["task"] for c in cells} == set(suite.tasks) | trained
     for c in cells:
       assert c["mean"] == expect, (c["task"], c["scores"])
-      want_n = 3 * ruler.tasks.MQARConfig().num_queries if c["task"] == "mqar" else 3
-      assert c["n"] == want_n
+      per_sample = {
+        "mqar": ruler.tasks.MQARConfig().num_queries,
+        "niah (train format)": data_cfg.niah.num_queries,
+        "mqar (train format)": data_cfg.mqar.num_queries,
+      }
+      assert c["n"] == 3 * per_sample.get(c["task"], 1)
       lo, hi = scoring.wilson_interval(expect * c["n"], c["n"])
       assert (c["lo"], c["hi"]) == (lo, hi)
     mqar = next(c for c in cells if c["task"] == "mqar")
