@@ -10,6 +10,12 @@ CPU smoke run (minutes):
       --lrs=1e-3,3e-3 --multipliers=4,8,16 --num_samples=2 --retrieval_samples=2 \
       --set=data.corpus_root=subq_jax
 
+A device command runs at most 10 minutes: run one mechanism (or one rate) per command
+(`--mechanisms=ssa_mean --lrs=1e-3`; dense_rope,dense_yarn share one training), keep each
+compare.json, then merge them on any machine:
+  python -m experiments.compare_mechanisms --out_dir=experiments/results/compare \
+      --assemble=a/compare.json,b/compare.json,...
+
 Mechanisms: ssa_mean, ssa_bounds, dense_rope, dense_yarn (the dense runs, YaRN at
 evaluation), sliding, block_topk, indexer. Writes OUT_DIR/compare.{json,md},
 compare_accuracy.png, compare_pairs.png, the runs under OUT_DIR/runs/<mechanism>/lr<lr>
@@ -34,12 +40,18 @@ _DEPTHS = flags.DEFINE_list("depths", ["0", "0.5", "1"], "needle depths")
 _N = flags.DEFINE_integer("num_samples", 50, "samples per (task, length, depth) cell")
 _NR = flags.DEFINE_integer("retrieval_samples", 32, "training-format NIAH/MQAR samples per length")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences decoded together")
+_ASSEMBLE = flags.DEFINE_list(
+  "assemble", [], "compare.json files of separate invocations: merge them into OUT_DIR, no runs"
+)
 flags.mark_flags_as_required(["out_dir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _ASSEMBLE.value:
+    compare.assemble(_ASSEMBLE.value, _OUT.value)
+    return
   compare.run(
     _OUT.value,
     config_path=_CONFIG.value,

@@ -235,6 +235,36 @@ def run(
   return summary
 
 
+def assemble(paths, out_dir: str, log=print) -> dict:
+  """Merges compare.json files of separate invocations (e.g. one mechanism or one learning
+  rate per device command) into one comparison: per mechanism the sweeps are joined and
+  the entry with the lowest held-out loss is kept. Writes compare.{json,md} and the
+  PNGs to `out_dir`."""
+  merged = {"mechanisms": {}, "sources": [os.path.abspath(p) for p in paths]}
+  for path in paths:
+    with open(path) as f:
+      part = json.load(f)
+    for name, entry in part["mechanisms"].items():
+      have = merged["mechanisms"].get(name)
+      sweep = (have["sweep"] if have else []) + [
+        r for r in entry["sweep"] if not have or r not in have["sweep"]
+      ]
+      best_so_far = have and min(r["val_loss"] for r in have["sweep"] if r["lr"] == have["lr"])
+      mine = min(r["val_loss"] for r in entry["sweep"] if r["lr"] == entry["lr"])
+      if have is None or mine < best_so_far:
+        merged["mechanisms"][name] = dict(entry)
+      merged["mechanisms"][name]["sweep"] = sorted(sweep, key=lambda r: r["lr"])
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "compare.json"), "w") as f:
+    json.dump(merged, f, indent=1)
+  table = comparison_table(merged)
+  with open(os.path.join(out_dir, "compare.md"), "w") as f:
+    f.write(table + "\n")
+  plot_comparison(merged, out_dir)
+  log(table)
+  return merged
+
+
 def _fmt(r) -> str:
   if r is None:
     return ""

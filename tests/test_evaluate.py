@@ -87,6 +87,24 @@ def test_comparison_trains_selects_and_tabulates(comparison):
     log=lambda *_: None,
   )
   assert again["mechanisms"]["dense_rope"]["sweep"] == rope["sweep"]
+  # Separate invocations (one rate each, say) merge: the lowest held-out loss wins.
+  first_path = os.path.join(out, "first.json")
+  json.dump(summary, open(first_path, "w"))
+  other = json.loads(json.dumps(summary))
+  better = min(losses.values()) - 1.0
+  other["mechanisms"] = {"dense_rope": dict(rope, lr=5e-3)}
+  other["mechanisms"]["dense_rope"]["sweep"] = [{"lr": 5e-3, "val_loss": better}]
+  other_path = os.path.join(out, "other.json")
+  json.dump(other, open(other_path, "w"))
+  merged = compare.assemble([first_path, other_path], os.path.join(out, "merged"), log=_quiet)
+  assert merged["mechanisms"]["dense_rope"]["lr"] == 5e-3
+  assert [r["lr"] for r in merged["mechanisms"]["dense_rope"]["sweep"]] == [1e-3, 5e-3, 1e-2]
+  assert merged["mechanisms"]["dense_yarn"]["lr"] == rope["lr"]
+  assert os.path.getsize(os.path.join(out, "merged", "compare.md")) > 0
+
+
+def _quiet(*_):
+  pass
 
 
 def test_evaluate_command_line(comparison, tmp_path):
