@@ -128,6 +128,12 @@ def _train_one(cfg, workdir: str, val_batches: int, log) -> dict:
     result = train_lib.train(cfg, workdir, log=lambda *_: None)
     record["train_wall_s"] = round(result.wall_s, 1)
     record["final_loss"] = result.losses.get(max(result.losses)) if result.losses else None
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):  # steady state: the last logging interval, compile excluded
+      with open(metrics) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      if rows:
+        record["tokens_per_s"] = round(rows[-1]["tokens_per_s"], 1)
     params, model_cfg, _, step = evaluate.load_checkpoint(workdir)
     record["step"] = int(step)
     record["val_loss"] = validation_loss(params, model_cfg, cfg, val_batches)
@@ -187,7 +193,8 @@ def run(
       "trained_as": train_name,
       "lr": best["lr"],
       "sweep": [
-        {k: r.get(k) for k in ("lr", "val_loss", "train_wall_s", "diverged")} for r in sweep
+        {k: r.get(k) for k in ("lr", "val_loss", "train_wall_s", "tokens_per_s", "diverged")}
+        for r in sweep
       ],
       "keys_per_query": cfg.model.attention.keys_per_query,
       "kind": cfg.model.attention.kind,
@@ -291,9 +298,11 @@ def comparison_table(summary: dict) -> str:
       vals = [by[str(n)]["pairs_fraction"] for by in e["results"].values() if str(n) in by]
       pairs.append(f"{100 * np.mean(vals):.1f}%" if vals else "")
     kpq = "all" if e["kind"] == "dense" else str(e["keys_per_query"])
+    tps = next((r.get("tokens_per_s") for r in e["sweep"] if r["lr"] == e["lr"]), None)
     lines.append(
       f"| {name} | {e['lr']:g} ({sweep}) | {kpq} | {' / '.join(pairs)} | "
-      f"{e.get('train_wall_s') or 0:.0f}s | {e.get('eval_wall_s', 0):.0f}s |"
+      f"{e.get('train_wall_s') or 0:.0f}s ({tps or 0:,.0f} tok/s) | "
+      f"{e.get('eval_wall_s', 0):.0f}s |"
     )
   tasks = list(dict.fromkeys(t for e in mechs.values() for t in e["results"]))
   train_len = next(iter(mechs.values()))["train_len"] if mechs else 1
