@@ -54,7 +54,6 @@ def _check_decode_matches_forward(model_cfg, seed):
   graphdef, params = nnx.split(model)
   key_a, key_b = jax.random.split(jax.random.key(seed + 100))
   tokens = jax.random.randint(key_a, (2, T), 0, 256)
-  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, tokens)
   # Stale cache entries: positions past a row's prompt hold other random tokens.
   junk = jax.random.randint(key_b, (2, CACHE), 0, 256)
   lengths = jnp.asarray(LENGTHS, jnp.int32)
@@ -62,18 +61,29 @@ def _check_decode_matches_forward(model_cfg, seed):
     jnp.arange(CACHE)[None] < lengths[:, None], jnp.pad(tokens, ((0, 0), (0, CACHE - T))), junk
   )
 
-  prefill = jax.jit(lambda p, x, n: decode.prefill(nnx.merge(graphdef, p), x, n))
-  step = jax.jit(lambda p, c, x: decode.step(nnx.merge(graphdef, p), c, x))
-  logits, cache, fraction = prefill(params, prompt, lengths)
-  tol = TOL[model_cfg.dtype]
+  steps = T - max(LENGTHS)
   rows = np.arange(2)
+
+  @jax.jit
+  def run(params, tokens, prompt, lengths):  # one compile: forward, prefill, cached steps
+    model = nnx.merge(graphdef, params)
+    forward = model(tokens)
+    logits, cache, fraction = decode.prefill(model, prompt, lengths)
+
+    def one(cache, i):
+      logits, cache = decode.step(model, cache, tokens[rows, lengths + i])
+      return cache, logits
+
+    cache, stepped = jax.lax.scan(one, cache, jnp.arange(steps))
+    return forward, logits, fraction, stepped, cache["pos"]
+
+  forward, logits, fraction, stepped, pos = run(params, tokens, prompt, lengths)
+  tol = TOL[model_cfg.dtype]
   chex.assert_trees_all_close(logits, forward[rows, lengths - 1], atol=tol, rtol=tol)
   assert 0 < float(fraction) <= 1
-  for i in range(T - max(LENGTHS)):
-    pos = lengths + i
-    logits, cache = step(params, cache, tokens[rows, pos])
-    chex.assert_trees_all_close(logits, forward[rows, pos], atol=tol, rtol=tol)
-  np.testing.assert_array_equal(cache["pos"], lengths + T - max(LENGTHS))
+  want = jnp.stack([forward[rows, lengths + i] for i in range(steps)])
+  chex.assert_trees_all_close(stepped, want, atol=tol, rtol=tol)
+  np.testing.assert_array_equal(pos, lengths + steps)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
