@@ -33,11 +33,11 @@ TOL = {"float32": 2e-4, "bfloat16": 5e-2}
 ALL_KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
 CASES = {
   "every_kind_mean_summary": dict(attention_pattern=ALL_KINDS),
-  # Bounds summaries, position-free routing keys, RoPE scaled by YaRN (as at evaluation
-  # beyond the training length).
+  # Bounds summaries, position-free routing keys, tiles of a whole block, RoPE scaled by
+  # YaRN (as at evaluation beyond the training length).
   "bounds_position_free_routing_yarn": dict(
     attention_pattern=("ssa", "block_topk"),
-    attention=dataclasses.replace(ATTN, summary="bounds", route_with_rope=False),
+    attention=dataclasses.replace(ATTN, summary="bounds", route_with_rope=False, query_tile=None),
     rope_scale=4.0,
     rope_original_length=16,
   ),
