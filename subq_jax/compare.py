@@ -301,7 +301,7 @@ def comparison_table(summary: dict) -> str:
     tps = next((r.get("tokens_per_s") for r in e["sweep"] if r["lr"] == e["lr"]), None)
     lines.append(
       f"| {name} | {e['lr']:g} ({sweep}) | {kpq} | {' / '.join(pairs)} | "
-      f"{e.get('train_wall_s') or 0:.0f}s ({tps or 0:,.0f} tok/s) | "
+      f"{e.get('train_wall_s') or 0:.0f}s{f' ({tps:,.0f} tok/s)' if tps else ''} | "
       f"{e.get('eval_wall_s', 0):.0f}s |"
     )
   tasks = list(dict.fromkeys(t for e in mechs.values() for t in e["results"]))
