@@ -71,22 +71,12 @@ def test_comparison_trains_selects_and_tabulates(comparison):
   table = open(os.path.join(out, "compare.md")).read()
   assert "dense_yarn" in table and "n=2" in table and "512 tokens (4x" in table
   # Finished runs are reused, not trained again.
-  again = compare.run(
-    out,
-    config_path=os.path.join(REPO, "configs", "ablation.py"),
-    mechanisms=("dense_rope",),
-    lrs=(1e-3, 1e-2),
-    variant="smoke,steps=2",
-    overrides=SMOKE,
-    val_batches=1,
-    multipliers=(4,),
-    tasks=("mqar",),
-    num_samples=1,
-    retrieval_samples=1,
-    batch_size=2,
-    log=lambda *_: None,
+  cfg = compare.build_config(
+    os.path.join(REPO, "configs", "ablation.py"), "dense_rope", 1e-3, "smoke,steps=2", SMOKE
   )
-  assert again["mechanisms"]["dense_rope"]["sweep"] == rope["sweep"]
+  workdir = os.path.join(out, "runs", "dense_rope", "lr0.001")
+  again = compare._train_one(cfg, workdir, 1, log=lambda *_: pytest.fail("trained again"))
+  assert again["val_loss"] == losses[1e-3]
   # Separate invocations (one rate each, say) merge: the lowest held-out loss wins.
   first_path = os.path.join(out, "first.json")
   json.dump(summary, open(first_path, "w"))
