@@ -245,8 +245,9 @@ def block_sparse_shard(
     rq, rk, config, tile_j0, score_fn, axis_name, num_shards, layout, rows_dtype
   )
   ids = _slot_list(selected, tile_j0, config)
+  step_backward = _pallas_step_backward(config, scale) if implementation == "pallas" else None
   out = _ring_block_attention(
-    q, k, v, ids, config, attention_fn, scale, axis_name, num_shards, layout
+    q, k, v, ids, config, attention_fn, scale, axis_name, num_shards, layout, step_backward
   )
   return (out, selected) if return_selected else out
 
@@ -348,8 +349,13 @@ def _slot_list(selected, tile_j0, config: SSAConfig):
   ).astype(jnp.int32)
 
 
-def _ring_block_attention(q, k, v, ids, config, attention_fn, scale, axis_name, p, layout):
-  """Tiles attend to their listed global blocks as K/V chunks pass round the ring."""
+def _ring_block_attention(
+  q, k, v, ids, config, attention_fn, scale, axis_name, p, layout, step_backward=None
+):
+  """Tiles attend to their listed global blocks as K/V chunks pass round the ring.
+
+  `step_backward` (see `_pallas_step_backward`) lets the backward pass use the merged
+  softmax statistics instead of recomputing each step's forward."""
   bs, qt = config.block_size, config.tile
   n_local = k.shape[1] // bs
   num_blocks = n_local * p
@@ -374,11 +380,55 @@ def _ring_block_attention(q, k, v, ids, config, attention_fn, scale, axis_name, 
     o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
     return o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
 
-  return ring(compute, axis_name, p, q, (k, v), (ids_owner, ids_local))
+  def backward(step, q, kv, own, aux, out, lse, d_out):
+    ids_owner, ids_local = aux
+    me = jax.lax.axis_index(axis_name)
+    ids_step = jnp.where(ids_owner == (me - step) % p, ids_local, -1)
+    if own:
+      dq, dk, dv = step_backward(q, kv[0], kv[1], ids_step, out, lse, d_out)
+      return dq, (dk, dv)
+    front = lambda x: jnp.pad(x, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
+    ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
+    k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
+    # A tile that lists no block of this chunk must get p = 0: its lse goes to -inf (as
+    # the kernel's own forward would report), also for the padding in front.
+    listed = jnp.any(ids_step >= 0, axis=-1)[:, :, pad_tiles:]  # [b, kv_heads, tiles]
+    hq, t = lse.shape[1], lse.shape[2]
+    listed = jnp.repeat(jnp.repeat(listed, hq // listed.shape[1], axis=1), t // listed.shape[2], 2)
+    lse_step = jnp.where(listed, lse, -jnp.inf)
+    lse_shifted = jnp.pad(lse_step, ((0, 0), (0, 0), (shift * bs, 0)), constant_values=-jnp.inf)
+    dq, dk, dv = step_backward(
+      front(q), k_held, v_held, ids_step, front(out), lse_shifted, front(d_out)
+    )
+    n = n_local * bs
+    return dq[:, shift * bs :], (dk[:, :n], dv[:, :n])
+
+  backward_fn = backward if step_backward is not None else None
+  return ring(compute, backward_fn, axis_name, p, q, (k, v), (ids_owner, ids_local))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
+def _pallas_step_backward(config: SSAConfig, scale: float):
+  """(q, k, v, ids, out, lse, d_out) -> (dq, dk, dv) of the Pallas sparse attention for
+  given softmax statistics: with the ring's merged out and lse, one step's share of the
+  gradients (no forward recomputed)."""
+  from pallas_kernels.sparse_attention import index, pallas_gpu
+
+  bs, qt = config.block_size, config.tile
+  block_sizes = pallas_gpu.BlockSizes.get_default()
+  interpret = jax.default_backend() == "cpu"
+
+  def step_backward(q, k, v, ids, out, lse, d_out):
+    ids = index.compact_block_lists(ids, block_size=bs, query_tile=qt)
+    zero = jnp.zeros_like(lse)
+    return pallas_gpu._backward(
+      q, k, v, ids, out, lse, d_out, zero, bs, qt, scale, block_sizes, interpret
+    )
+
+  return step_backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def ring(compute, backward, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   """Ring attention: `compute(step, q, held_kv, own, aux)` -> (out, lse) per step.
 
   At step s a shard holds the K/V chunk of shard (me - s) mod P; partials merge by lse.
@@ -392,11 +442,16 @@ def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   per-device memory stays O(T/P): plain autodiff would keep every held chunk.
   `aux` (int arrays) gets no cotangent. Partials merge in float32; the output (and the
   residual kept for the backward pass) is in q's dtype, as a single-device kernel's.
+
+  `backward(step, q, held_kv, own, aux, out, lse, d_out)` -> (dq, (dk, dv)), if given,
+  computes a step's gradients from the merged out and lse (ring-flash-attention style:
+  softmax probabilities against the global lse, delta = rowsum(d_out * out)), so the
+  backward pass recomputes no forward; None differentiates `compute` instead.
   """
-  return _ring_fwd(compute, axis_name, p, q, kv, aux)[0]
+  return _ring_fwd(compute, backward, axis_name, p, q, kv, aux)[0]
 
 
-def _ring_fwd(compute, axis_name, p, q, kv, aux):
+def _ring_fwd(compute, backward, axis_name, p, q, kv, aux):
   send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
   held = send(kv) if p > 1 else None
   out, lse = merge_partials(None, None, *compute(0, q, kv, True, aux))
@@ -415,7 +470,7 @@ def _ring_fwd(compute, axis_name, p, q, kv, aux):
   return out, (q, kv, aux, out, lse)
 
 
-def _ring_bwd(compute, axis_name, p, res, d_out):
+def _ring_bwd(compute, backward, axis_name, p, res, d_out):
   q, kv, aux, out, lse = res
   send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
   # Row term of the softmax backward through the merge: out = sum_s w_s out_s with
@@ -431,6 +486,8 @@ def _ring_bwd(compute, axis_name, p, res, d_out):
     d_lse = w * delta.transpose(0, 2, 1)
     return vjp(((w_t * f32(d_out)).astype(o_s.dtype), d_lse))
 
+  if backward is not None:
+    step_grads = lambda index, held, own: backward(index, q, held, own, aux, out, lse, d_out)
   d_q, d_held = f32(step_grads(0, kv, True))
   if p > 1:
 
@@ -490,7 +547,7 @@ def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_siz
     me = jax.lax.axis_index(axis_name)
     return dense_partial(q, kv[0], kv[1], aux, positions((me - step) % p), scale)
 
-  return ring(compute, axis_name, p, q, (k, v), q_pos)
+  return ring(compute, None, axis_name, p, q, (k, v), q_pos)
 
 
 def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):

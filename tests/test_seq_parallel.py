@@ -162,6 +162,7 @@ CASE_GROUPS = {
     "ssa_bounds_zigzag_seq4",
     "ssa_mean_striped_seq8",
     "train_step_rules_data2_fsdp2_seq2",
+    "pallas_ssa_striped_seq2",
   ],
   "others": [
     "ssa_mean_contiguous_seq2_norope_bf16",
