@@ -75,6 +75,7 @@ flags.DEFINE_string("out_dir", "experiments/results", "where JSON, table and PNG
 flags.DEFINE_string("tag", "", "file name tag (default: device and date)")
 flags.DEFINE_bool("fa2_worker", False, "internal: run the torch rows and print JSON")
 flags.DEFINE_bool("check", True, "check SSA pallas against the xla path at the smallest T")
+flags.DEFINE_string("check_len", "", "T of that check (default: the smallest T)")
 
 
 HEADS = dict(q_heads=32, kv_heads=8, head_dim=128, batch=1)
@@ -217,6 +218,7 @@ def main(argv):
     max_quadratic=flops.parse_tokens(FLAGS.max_quadratic),
     variants=FLAGS.variants,
     check=FLAGS.check,
+    check_len=flops.parse_tokens(FLAGS.check_len) if FLAGS.check_len else None,
   )
   results["rows"] += [dict(r, seq_len=r.get("seq_len")) for r in fa2_rows]
   for path in FLAGS.add_rows:
@@ -224,7 +226,7 @@ def main(argv):
       earlier = json.load(f)
     have = {(r["row"], r.get("seq_len"), r.get("mode")) for r in results["rows"] if "time_s" in r}
     results["rows"] += [
-      dict(r, added_from=path)
+      dict(r, added_from=r.get("added_from") or path)
       for r in earlier["rows"]
       if "time_s" in r and (r["row"], r.get("seq_len"), r.get("mode")) not in have
     ]
@@ -252,6 +254,7 @@ def main(argv):
         "max_fa2_fwdbwd",
         "max_quadratic",
         "add_rows",
+        "check_len",
       )
     },  # fmt: skip
     date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

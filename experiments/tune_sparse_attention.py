@@ -7,7 +7,7 @@ block list (`subq_jax.benchmark.synthetic_selection`). Prints one line per
   python -m experiments.tune_sparse_attention --seq_len=1M \
       --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2/u0,64/4/2,64/4/2/c1024/h
 
-Tiling specs: `block_m/num_warps/num_stages[/c<dkv_chunk>][/u<dkv_unroll>][/h]`
+Tiling specs: `block_m/num_warps/num_stages[/c<dkv_chunk>][/u<dkv_unroll>][/h][/s0]`
 (`pallas_gpu.BlockSizes.from_spec`). It also prints the lengths of the dk/dv pass's CSR
 rows (tiles listing each block), whose spread decides how much segmenting can gain.
 """
@@ -114,6 +114,13 @@ def main(argv):
     ids, num_blocks=t // bs, block_size=bs, query_tile=qt
   )
   report("index", "csr", build, (ids,), 0)
+  # The forward's list layout: sorted compaction of the slot lists against packing the
+  # runs they are made of (what ssa_attention does since the sort was dropped).
+  runs = ssa._slot_runs(benchmark.synthetic_selection(t, config), config)
+  lists = jnp.concatenate(runs, axis=-1)
+  compact = lambda x: index.compact_block_lists(x, block_size=bs, query_tile=qt)
+  report("index", "sort", compact, (lists,), 0)
+  report("index", "pack", lambda *r: index.pack_runs(list(r)), tuple(runs), 0)
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.sparse_attention import index as attention_index
 from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
 from pallas_kernels.sparse_attention import reference as attention_reference
 from subq_jax import flops, ssa
@@ -174,6 +175,7 @@ def run_jax_rows(
   max_quadratic,
   variants=(),
   check=True,
+  check_len=None,
   log=print,
   on_row: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -183,7 +185,7 @@ def run_jax_rows(
   log(f"dense bf16 matmul: {results['matmul_tflops']:.0f} TFLOP/s")
   if check:
     try:
-      results["check"] = check_ssa(min(seq_lens))
+      results["check"] = check_ssa(check_len or min(seq_lens))
     except Exception as e:  # noqa: BLE001
       results["check"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     log(f"check: {results['check']}")
@@ -202,7 +204,8 @@ def run_jax_rows(
       selected = jax.jit(lambda q, k: ssa.select_blocks(q, k, ssa_cfg, implementation="pallas"))(
         q, k
       )
-      lists["ssa_attention"] = ssa._slot_list(selected, ssa_cfg)
+      # As ssa_attention passes them: packed without a sort (compacted=True below).
+      lists["ssa_attention"] = attention_index.pack_runs(ssa._slot_runs(selected, ssa_cfg))
     if "ssa_synthetic" in rows or variants:
       lists["ssa_synthetic"] = ssa._slot_list(synthetic_selection(t, ssa_cfg), ssa_cfg)
     for mode in modes:
@@ -253,9 +256,11 @@ def _row_functions(
     for vname, sizes in variant_sizes.items():
       if vname != "default" and row != "ssa_synthetic":
         continue
-      fn = lambda q, k, v, ids, sizes=sizes: attention_pallas.sparse_attention_pallas(
-        q, k, v, ids, block_sizes=sizes, **attn_kw
-      )[0]
+      fn = lambda q, k, v, ids, sizes=sizes, packed=row == "ssa_attention": (
+        attention_pallas.sparse_attention_pallas(
+          q, k, v, ids, block_sizes=sizes, compacted=packed, **attn_kw
+        )[0]
+      )
       add(row if vname == "default" else f"{row}[{vname}]", fn, (q, k, v, ids))
   if "dense_cudnn" in rows and t <= (max_dense if mode == "fwd" else max_dense_fwdbwd):
     dense = lambda q, k, v: jax.nn.dot_product_attention(

@@ -41,6 +41,7 @@ from pallas_kernels.selector.pallas_gpu import (
   score_candidates_from_queries_pallas,
   score_candidates_pallas,
 )
+from pallas_kernels.sparse_attention import index as attention_index
 from pallas_kernels.sparse_attention import reference as attention_reference
 from pallas_kernels.sparse_attention.pallas_gpu import sparse_attention_pallas
 from subq_jax.config import BLOCK_KINDS, SSAConfig
@@ -281,7 +282,12 @@ def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
   selected = _select(rq, rk, config, t, implementation)
   attention_fn = _ops(implementation, rq.dtype)[1]
   block_ids = _slot_list(selected, config)
-  out, _ = attention_fn(qp, kp, vp, block_ids, block_size=bs, query_tile=config.tile, scale=scale)
+  kw = dict(block_size=bs, query_tile=config.tile, scale=scale)
+  if implementation == "pallas":  # the kernels' layout without the compaction sort
+    packed = attention_index.pack_runs(_slot_runs(selected, config))
+    out, _ = attention_fn(qp, kp, vp, packed, compacted=True, **kw)
+  else:
+    out, _ = attention_fn(qp, kp, vp, block_ids, **kw)
   return out[:, :t], AttentionInfo(selected, _block_pairs(block_ids, config, t))
 
 
@@ -315,7 +321,8 @@ def _select(rq, rk, config: SSAConfig, seq_len: int, implementation: str) -> jax
       compute_dtype=rq.dtype,
       interpret=jax.default_backend() == "cpu",
     )
-    chosen = _beam_descent(rq, _tree(rk, config), prefix, config, score_fn)
+    # The top levels of up to 128 nodes in one pass over the routing queries.
+    chosen = _beam_descent(rq, _tree(rk, config), prefix, config, score_fn, whole_top_nodes=128)
   else:
     score_fn = _ops(implementation)[0]
     chosen = _beam_descent(
@@ -371,17 +378,36 @@ def _tree(rk, config: SSAConfig) -> list[jax.Array]:
   return tables
 
 
-def _beam_descent(routing, tables, prefix, config: SSAConfig, score_fn) -> jax.Array:
+def _beam_descent(
+  routing, tables, prefix, config: SSAConfig, score_fn, whole_top_nodes: int = 0
+) -> jax.Array:
   """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k].
 
   `score_fn(routing, table, candidates)` scores candidates: `routing` is whatever it
   reads (the routing rows of `_routing_rows`, or the routing queries themselves for
   the Pallas kernel that builds each tile's window in-kernel).
+  `whole_top_nodes` > 0: the top levels (not level 1) whose tables hold that many nodes
+  together are scored whole in one call, and each level picks its candidates' scores
+  from it: one pass over the routing rows instead of one per level (the same scores).
   """
   b, hkv = tables[0].shape[:2]
   num_tiles = prefix.shape[0]
   f = config.fanout
   slot = jnp.arange(f - 1)
+  whole, top = {}, []  # level -> scores of all its nodes [b, kv, tiles, nodes]
+  for level in range(len(tables), 1, -1):
+    if sum(tables[lv - 1].shape[2] for lv in top) + tables[level - 1].shape[2] > whole_top_nodes:
+      break
+    top.append(level)
+  if len(top) > 1:
+    sizes = [tables[lv - 1].shape[2] for lv in top]
+    every = jnp.arange(sum(sizes), dtype=jnp.int32)
+    every = jnp.broadcast_to(every, (b, hkv, num_tiles, sum(sizes)))
+    all_scores = score_fn(routing, jnp.concatenate([tables[lv - 1] for lv in top], 2), every)
+    start = 0
+    for lv, size in zip(top, sizes, strict=True):
+      whole[lv] = all_scores[..., start : start + size]
+      start += size
   kept = None  # node ids kept one level up, -1 for none
   for level in range(len(tables), 0, -1):
     span = f ** (level - 1)
@@ -396,7 +422,11 @@ def _beam_descent(routing, tables, prefix, config: SSAConfig, score_fn) -> jax.A
       candidates = jnp.concatenate([candidates, children.reshape(b, hkv, num_tiles, -1)], -1)
     if level == 1:
       candidates = jnp.where(candidates >= config.sink_blocks, candidates, -1)
-    scores = score_fn(routing, tables[level - 1], candidates)
+    if level in whole:
+      picked = jnp.take_along_axis(whole[level], jnp.maximum(candidates, 0), axis=-1)
+      scores = jnp.where(candidates >= 0, picked, -jnp.inf)
+    else:
+      scores = score_fn(routing, tables[level - 1], candidates)
     keep = config.top_k if level == 1 else config.beam_at(level)
     best, idx = jax.lax.top_k(scores, min(keep, candidates.shape[-1]))
     kept = jnp.where(best > -jnp.inf, jnp.take_along_axis(candidates, idx, axis=-1), -1)
@@ -436,17 +466,24 @@ def _sorted_ids(ids: jax.Array, top_k: int) -> jax.Array:
 
 def _slot_list(selected, config: SSAConfig) -> jax.Array:
   """Every tile's block list [b, kv, tiles, slots]: sinks, chosen, local, own; -1 empty."""
+  return jnp.concatenate(_slot_runs(selected, config), axis=-1)
+
+
+def _slot_runs(selected, config: SSAConfig) -> list[jax.Array]:
+  """The runs of `_slot_list` (sinks, chosen, local, own), each [b, kv, tiles, n] int32.
+
+  Valid blocks ascend across them (sinks < chosen < the routable prefix end <= local <
+  own) and each run's valid entries are contiguous (`_sorted_ids` puts -1s last), so
+  `index.pack_runs` lays them out for the Pallas kernels without a sort.
+  """
   b, hkv, num_tiles, _ = selected.shape
   j0, prefix = _tile_prefix(num_tiles, config)
   sinks = jnp.arange(config.sink_blocks)
   sinks = jnp.where(sinks < prefix[:, None], sinks, -1)
   local = j0[:, None] - config.local_blocks + jnp.arange(config.local_blocks)
   local = jnp.where(local >= 0, local, -1)
-  fixed_before = jnp.broadcast_to(sinks, (b, hkv) + sinks.shape)
-  fixed_after = jnp.broadcast_to(
-    jnp.concatenate([local, j0[:, None]], axis=-1), (b, hkv, num_tiles, config.local_blocks + 1)
-  )
-  return jnp.concatenate([fixed_before, selected, fixed_after], axis=-1).astype(jnp.int32)
+  fixed = lambda x: jnp.broadcast_to(x, (b, hkv) + x.shape).astype(jnp.int32)
+  return [fixed(sinks), selected.astype(jnp.int32), fixed(local), fixed(j0[:, None])]
 
 
 def _block_pairs(block_ids, config: SSAConfig, seq_len: int) -> jax.Array:

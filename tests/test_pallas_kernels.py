@@ -19,6 +19,8 @@ from pallas_kernels.selector import reference as selector_reference
 from pallas_kernels.sparse_attention import index
 from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
 from pallas_kernels.sparse_attention import reference as attention_reference
+from subq_jax import ssa
+from subq_jax.config import SSAConfig
 
 # Relative error ||x - ref|| / ||ref|| allowed, by dtype (bf16 operands, f32 accumulation).
 RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -75,15 +77,16 @@ ATTENTION_CASES = [
   #  structured): opts are BlockSizes fields: dkv_chunk > 0 splits each block's CSR row
   # into segments (f32 partial sums for the blocks with several), split_heads_over_4gib
   # runs the passes one KV head at a time (as for operands over 4 GiB), dkv_unroll chunks
-  # of block_m rows per dk/dv loop step (0: a whole tile).
+  # of block_m rows per dk/dv loop step (0: a whole tile), fwd_fold_scale=False the
+  # forward that scales the logits before the max.
   # structured: SSA-like lists (sink, local and own block in every tile's list).
   pytest.param(
     100, 2, 2, 64, 32, 16, jnp.float32, 64,
     dict(dkv_chunk=2, split_heads_over_4gib=True), False,
     id="gqa1-d64-f32-padded-chunk2-byhead",
   ),
-  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, dict(dkv_unroll=0), False,
-               id="gqa4-d128-bf16-unroll-tile"),
+  pytest.param(64, 4, 1, 128, 16, 16, jnp.bfloat16, 32, dict(dkv_unroll=0, fwd_fold_scale=False),
+               False, id="gqa4-d128-bf16-unroll-tile-unfolded"),
   pytest.param(
     60, 8, 1, 64, 16, 8, jnp.bfloat16, 32, dict(dkv_chunk=1), False,
     id="gqa8-d64-bf16-padded-split-chunk1",
@@ -231,6 +234,48 @@ class PallasKernelsTest:
         free = np.setdiff1d(np.arange(num_slots), used_slots)
         assert np.all(slot_group[bi, hi, free] == num_slots)
 
+  def test_pack_runs(self):
+    """SSA's runs (sinks, chosen, local, own) packed without a sort equal the sorted
+    compaction, including the first tiles (few or no valid sinks, chosen, local blocks)
+    and padding tiles that chose nothing."""
+    config = SSAConfig(
+      kind="ssa", block_size=16, query_tile=8, sink_blocks=2, local_blocks=2, top_k=5
+    )
+    rng = np.random.default_rng(3)
+    b, hkv, num_tiles = 1, 2, 24
+    j0 = np.arange(num_tiles) * config.tile // config.block_size
+    prefix = np.maximum(j0 - config.local_blocks, 0)
+    selected = np.full((b, hkv, num_tiles, config.top_k), -1, np.int32)
+    for hi in range(hkv):
+      for i in range(num_tiles - 2):  # the last two tiles: padding, nothing chosen
+        pool = np.arange(config.sink_blocks, prefix[i])
+        n = rng.integers(0, min(config.top_k, len(pool)) + 1) if len(pool) else 0
+        selected[0, hi, i, :n] = np.sort(rng.choice(pool, size=n, replace=False))
+    selected = jnp.asarray(selected)
+    runs, lists = ssa._slot_runs(selected, config), ssa._slot_list(selected, config)
+    with jax.numpy_rank_promotion("raise"):  # pack_runs is kernel-side code
+      packed = index.pack_runs(runs)
+      want = index.compact_block_lists(lists, block_size=config.block_size, query_tile=config.tile)
+    assert packed.shape == want.shape == (b, hkv, num_tiles, 16)
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(want))
+
+  def test_select_whole_top_levels(self):
+    """The Pallas selector path (candidate pieces, the top tree levels scored whole in
+    one pass) chooses what the xla path chooses: three levels of 4, 16 and 64 nodes,
+    the top two scored together."""
+    config = SSAConfig(
+      kind="ssa", block_size=16, query_tile=16, top_k=3, fanout=4, beam=2, sink_blocks=1
+    )
+    rng = np.random.default_rng(11)
+    t, hq, hkv, d = 1024, 4, 2, 32
+    rq = jnp.asarray(rng.standard_normal((1, t, hq, d)), jnp.float32)
+    rk = jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32)
+    assert config.num_levels(t // config.block_size) == 3
+    select = lambda impl: ssa._select(rq, rk, config, t, impl)
+    sel, want = select("pallas"), select("xla")
+    assert int((want >= 0).sum()) > 0
+    np.testing.assert_array_equal(np.asarray(sel), np.asarray(want))
+
   @pytest.mark.parametrize(
     "r, d, c, dtype",
     [(12, 40, 10, jnp.float32), (64, 128, 20, jnp.bfloat16), (256, 32, 33, jnp.float32)],
@@ -255,16 +300,21 @@ class PallasKernelsTest:
     )
 
   @pytest.mark.parametrize(
-    "summary, hq, hkv, dtype",
-    [("mean", 8, 2, jnp.float32), ("bounds", 4, 4, jnp.float32), ("bounds", 8, 1, jnp.bfloat16)],
+    "summary, hq, hkv, dtype, c, table_dtype",
+    [
+      ("mean", 8, 2, jnp.float32, 20, jnp.float32),
+      ("bounds", 4, 4, jnp.float32, 40, jnp.float32),  # two candidate pieces: 32 + 16
+      ("bounds", 8, 1, jnp.bfloat16, 20, jnp.bfloat16),
+      ("mean", 8, 2, jnp.bfloat16, 50, jnp.float32),  # f32 table, bf16 products; 64 + 16
+    ],
   )
-  def test_score_candidates_from_queries(self, summary, hq, hkv, dtype):
-    rng = np.random.default_rng([hq, hkv, len(summary)])
-    b, t, d, qt, nodes, c = 1, 64, 32, 16, 12, 20
+  def test_score_candidates_from_queries(self, summary, hq, hkv, dtype, c, table_dtype):
+    rng = np.random.default_rng([hq, hkv, len(summary), c])
+    b, t, d, qt, nodes = 1, 64, 32, 16, 12
     num_tiles, g = t // qt, hq // hkv
     q = jnp.asarray(rng.standard_normal((b, t, hq, d)), dtype)
     dt = 2 * d if summary == "bounds" else d
-    table = jnp.asarray(rng.standard_normal((b, hkv, nodes, dt)), dtype)
+    table = jnp.asarray(rng.standard_normal((b, hkv, nodes, dt)), table_dtype)
     candidates = jnp.asarray(rng.integers(-1, nodes, (b, hkv, num_tiles, c)), jnp.int32)
     with jax.numpy_rank_promotion("raise"):
       score = lambda q, table, cand: selector_pallas.score_candidates_from_queries_pallas(

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -131,41 +132,70 @@ def score_candidates_pallas(
 # ----------------------------------------------- scoring straight from routing queries
 
 
-def _score_q_kernel(
-  cand_ref, q_ref, table_ref, out_ref, *, query_tile, chunk_q, bounds, compute_dtype
-):
-  """One tile: its routing window read from q (no rows array), scored, max over rows."""
+def _pieces(c: int) -> list[int]:
+  """Power-of-two widths (each >= 16, largest first) covering c candidates: Triton
+  blocks are powers of two, and one block of next_power_of_2(c) would score up to
+  twice the candidates needed (143 at the last tree level: 256 against 128 + 16)."""
+  left, out = max(16, -(-c // 16) * 16), []
+  while left > 0:
+    width = max(16, 1 << (left.bit_length() - 1))
+    out.append(width)
+    left -= width
+  return out
+
+
+def _score_q_kernel(*refs, num_pieces, query_tile, chunk_q, bounds, compute_dtype):
+  """One tile: its routing window read from q (no rows array), scored, max over rows.
+
+  refs: the candidate pieces, q, the table, then one output per piece.
+  """
+  cand_refs, (q_ref, table_ref), out_refs = (
+    refs[:num_pieces],
+    refs[num_pieces : num_pieces + 2],
+    refs[num_pieces + 2 :],
+  )
   g, d = q_ref.shape[1], q_ref.shape[2]
   last = pl.program_id(2) * query_tile  # the tile's first position ends its window
   start = jnp.maximum(last - query_tile + 1, 0)
-  cand = cand_ref[...]
-  safe = jnp.maximum(cand, 0)
   precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
   dims = (((1,), (1,)), ((), ()))
   dot = lambda a, b: jax.lax.dot_general(
     a, b, dims, precision=precision, preferred_element_type=jnp.float32
   )
-  if bounds:  # table rows are [max, min]
-    upper = table_ref[safe, pl.ds(0, d)].astype(compute_dtype)
-    lower = table_ref[safe, pl.ds(d, d)].astype(compute_dtype)
-  else:
-    summaries = table_ref[safe, :].astype(compute_dtype)
-  best = jnp.full(cand.shape, -jnp.inf, jnp.float32)
+  cands, summaries, best = [], [], []
+  for cand_ref in cand_refs:
+    cand = cand_ref[...]
+    safe = jnp.maximum(cand, 0)
+    if bounds:  # table rows are [max, min]
+      summaries.append(
+        (
+          table_ref[safe, pl.ds(0, d)].astype(compute_dtype),
+          table_ref[safe, pl.ds(d, d)].astype(compute_dtype),
+        )
+      )
+    else:
+      summaries.append(table_ref[safe, :].astype(compute_dtype))
+    cands.append(cand)
+    best.append(jnp.full(cand.shape, -jnp.inf, jnp.float32))
   rows = chunk_q * g
   for c in range(0, query_tile, chunk_q):
     x = q_ref[pl.ds(start + c, chunk_q), :, :].reshape(rows, d)
+    pos = start + c + jnp.arange(rows, dtype=jnp.int32) // g
     if bounds:
       zero = jnp.zeros_like(x)
-      scores = dot(jnp.maximum(x, zero).astype(compute_dtype), upper) + dot(
-        jnp.minimum(x, zero).astype(compute_dtype), lower
-      )
+      upper_x = jnp.maximum(x, zero).astype(compute_dtype)
+      lower_x = jnp.minimum(x, zero).astype(compute_dtype)
     else:
-      scores = dot(x.astype(compute_dtype), summaries)
-    # Tile 0's window is position 0 alone: rows past `last` are later tokens.
-    pos = start + c + jnp.arange(rows, dtype=jnp.int32) // g
-    scores = jnp.where((pos <= last)[:, None], scores, -jnp.inf)
-    best = jnp.maximum(best, jnp.max(scores, axis=0))
-  out_ref[...] = jnp.where(cand >= 0, best, -jnp.inf)
+      x = x.astype(compute_dtype)
+    for n, summary in enumerate(summaries):
+      if bounds:
+        scores = dot(upper_x, summary[0]) + dot(lower_x, summary[1])
+      else:
+        scores = dot(x, summary)
+      scores = jnp.where((pos <= last)[:, None], scores, -jnp.inf)
+      best[n] = jnp.maximum(best[n], jnp.max(scores, axis=0))
+  for cand, b, out_ref in zip(cands, best, out_refs, strict=True):
+    out_ref[...] = jnp.where(cand >= 0, b, -jnp.inf)
 
 
 def score_candidates_from_queries_pallas(
@@ -214,29 +244,38 @@ def score_candidates_from_queries_pallas(
   chunk_q = min(query_tile, max(1, block_sizes.block_rows // g))
   if query_tile % chunk_q:
     raise ValueError(f"{query_tile=} must be a multiple of {chunk_q=}")
-  c_pad = max(16, next_power_of_2(c))
-  candidates = _pad_to(candidates.astype(jnp.int32), 3, c_pad, constant_values=-1)
+  compute_dtype = compute_dtype or routing_q.dtype
+  if jnp.dtype(compute_dtype).itemsize < table.dtype.itemsize:
+    # Rounded once here as the kernel would round each gathered row: the same operands,
+    # half the bytes gathered (the last level's f32 table does not fit in L2; bf16 does).
+    table = table.astype(compute_dtype)
+  widths = _pieces(c)
+  candidates = _pad_to(candidates.astype(jnp.int32), 3, sum(widths), constant_values=-1)
+  offsets = np.cumsum([0] + widths)
+  pieces = [candidates[..., o : o + w] for o, w in zip(offsets, widths, strict=False)]
   q5 = routing_q.reshape(b, t, hkv, g, d)
+  piece_spec = lambda w: pl.BlockSpec((None, None, None, w), lambda bi, hi, i: (bi, hi, i, 0))
   scores = pl.pallas_call(
     functools.partial(
       _score_q_kernel,
+      num_pieces=len(widths),
       query_tile=query_tile,
       chunk_q=chunk_q,
       bounds=bounds,
-      compute_dtype=compute_dtype or routing_q.dtype,
+      compute_dtype=compute_dtype,
     ),
     grid=(b, hkv, num_tiles),
-    in_specs=[
-      pl.BlockSpec((None, None, None, c_pad), lambda bi, hi, i: (bi, hi, i, 0)),
+    in_specs=[piece_spec(w) for w in widths]
+    + [
       pl.BlockSpec((None, t, None, g, d), lambda bi, hi, i: (bi, 0, hi, 0, 0)),
       pl.BlockSpec((None, None, nodes, dt), lambda bi, hi, i: (bi, hi, 0, 0)),
     ],
-    out_specs=pl.BlockSpec((None, None, None, c_pad), lambda bi, hi, i: (bi, hi, i, 0)),
-    out_shape=jax.ShapeDtypeStruct((b, hkv, num_tiles, c_pad), jnp.float32),
+    out_specs=[piece_spec(w) for w in widths],
+    out_shape=[jax.ShapeDtypeStruct((b, hkv, num_tiles, w), jnp.float32) for w in widths],
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
     ),
     interpret=interpret,
     name="ssa_score_candidates_from_queries",
-  )(candidates, q5, table)
-  return scores[..., :c]
+  )(*pieces, q5, table)
+  return jnp.concatenate(scores, axis=-1)[..., :c]

@@ -49,6 +49,45 @@ def compact_block_lists(block_ids: jax.Array, *, block_size: int, query_tile: in
   return ids
 
 
+def pack_runs(runs: list[jax.Array]) -> jax.Array:
+  """The concatenation of `runs` with its empty (-1) slots moved to the end: the layout
+  of `compact_block_lists` without a sort, for lists whose valid blocks are ascending
+  across the runs and none after the tile's own block (the caller's promise).
+
+  Args:
+    runs: int32 arrays [batch, kv_heads, tiles, n_i]; in each, the valid entries are
+      one contiguous stretch (-1 before and/or after it).
+
+  Returns:
+    int32 [batch, kv_heads, tiles, next_power_of_2(sum n_i)]: the valid entries of the
+    runs in order, then -1s. One gather per run, fused by XLA (no sort).
+  """
+  lead = runs[0].shape[:-1]
+  width = next_power_of_2(sum(r.shape[-1] for r in runs))
+  pos = jnp.arange(width, dtype=jnp.int32).reshape((1,) * len(lead) + (width,))
+  out = jnp.full(lead + (width,), -1, jnp.int32)
+  offset = jnp.zeros(lead + (1,), jnp.int32)
+  for run in runs:
+    run = run.astype(jnp.int32)
+    valid = run >= 0
+    count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)
+    first = jnp.argmax(valid, axis=-1, keepdims=True).astype(jnp.int32)
+    src = jnp.clip(first + pos - offset, 0, run.shape[-1] - 1)
+    take = jnp.take_along_axis(run, src, axis=-1)
+    out = jnp.where((pos >= offset) & (pos < offset + count), take, out)
+    offset = offset + count
+  return out
+
+
+def pad_slots(ids: jax.Array) -> jax.Array:
+  """The slot axis padded with -1 to a power of two (the kernels' block shapes)."""
+  slots = ids.shape[-1]
+  padded = next_power_of_2(slots)
+  if padded == slots:
+    return ids.astype(jnp.int32)
+  return jnp.pad(ids.astype(jnp.int32), [(0, 0)] * 3 + [(0, padded - slots)], constant_values=-1)
+
+
 def transpose_block_lists(
   ids: jax.Array, *, num_blocks: int, block_size: int, query_tile: int
 ) -> tuple[jax.Array, jax.Array]:

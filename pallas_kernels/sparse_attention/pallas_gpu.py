@@ -14,8 +14,9 @@ units stay full for any GQA ratio.
   block_m_dkv rows per step; optionally one program per bounded segment of that list,
   with f32 partial sums for the blocks that get several (`BlockSizes.dkv_chunk`).
 
-The lists are compacted first (`index.compact_block_lists`): valid blocks ascending,
-so the tile's own block, the only one that needs a causal mask, comes last.
+The lists are compacted first (`index.compact_block_lists`, or by the caller without a
+sort: `index.pack_runs`, `compacted=True`): valid blocks ascending, so the tile's own
+block, the only one that needs a causal mask, comes last.
 
 Layouts: q, out and dq are viewed as [batch, T, kv_heads, G, head_dim] (a free
 reshape), k and v stay [batch, T, kv_heads, head_dim]; nothing is transposed.
@@ -61,6 +62,9 @@ class BlockSizes:
     split_heads_over_4gib: run a pass one KV head at a time when an operand its inner
       loop reads is over 4 GiB (Pallas Triton then computes 64-bit offsets). Worth it
       only with `dkv_chunk` > 0: per head, one sink program is a larger share.
+    fwd_fold_scale: the forward keeps its running max in raw logits and applies the
+      scale inside each exponent (one fused multiply-add per logit); False: the logits
+      are scaled first (a multiply per logit, then a subtract), kept to compare.
   """
 
   block_m: int = 64
@@ -75,6 +79,7 @@ class BlockSizes:
   dkv_unroll: int = 1
   dkv_chunk: int = 0
   split_heads_over_4gib: bool = False
+  fwd_fold_scale: bool = True
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -88,8 +93,9 @@ class BlockSizes:
   @classmethod
   def from_spec(cls, spec: str) -> BlockSizes:
     """One tiling for all three kernels from
-    `block_m/num_warps/num_stages[/c<chunk>][/u<unroll>][/h]` (c: `dkv_chunk`; u:
-    `dkv_unroll`, default 1; h: `split_heads_over_4gib`), as the tuning scripts take it."""
+    `block_m/num_warps/num_stages[/c<chunk>][/u<unroll>][/h][/s0]` (c: `dkv_chunk`; u:
+    `dkv_unroll`, default 1; h: `split_heads_over_4gib`; s0: `fwd_fold_scale=False`),
+    as the tuning scripts take it."""
     m, w, s, *extra = spec.split("/")
     m, w, s = int(m), int(w), int(s)
     opt = lambda p, default: next((int(x[1:]) for x in extra if x.startswith(p)), default)
@@ -98,6 +104,7 @@ class BlockSizes:
       dkv_unroll=opt("u", 1),
       dkv_chunk=opt("c", 0),
       split_heads_over_4gib="h" in extra,
+      fwd_fold_scale="s0" not in extra,
     )  # fmt: skip
 
 
@@ -150,7 +157,9 @@ def _mask(s, q_pos, k_pos):
   return jnp.where(k_pos <= q_pos, s, MASK_VALUE)
 
 
-def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale):
+def _fwd_kernel(
+  ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale, fold_scale
+):
   """One chunk of qm queries x G heads against its tile's compacted block list."""
   d = q_ref.shape[-1]
   rows = qm * g
@@ -160,18 +169,31 @@ def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm,
   k_off = jnp.arange(block_size, dtype=jnp.int32)[None, :]
   num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
 
-  # m and l (see the FlashAttention paper) are the running max (base 2) and sum of
-  # the row's exponentials; acc is the unnormalised output.
+  # m and l (see the FlashAttention paper) are the running max and sum of the row's
+  # exponentials; acc is the unnormalised output. With fold_scale, m is kept in raw
+  # logits (q . k) and the scale (and log2 e) enters each exponent through one fused
+  # multiply-add, s * c - m * c, instead of a multiply per logit before the max and a
+  # subtract after it; otherwise m is in scaled base-2 units.
+  c = scale * LOG2E
+  m_unit = scale if fold_scale else 1 / LOG2E  # m * m_unit: m in natural-log units
+
   def step(i, carry, masked):
     acc, m, l_sum = carry
     start = pl.multiple_of(jnp.maximum(ids_ref[i], 0) * block_size, block_size)
     k = k_ref[pl.ds(start, block_size), :]
-    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    s = _dot(q, k, trans_b=True)
+    if not fold_scale:
+      s = s * c
     if masked:
       s = _mask(s, q_pos, start + k_off)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    if fold_scale:
+      m_scaled = m_new * c
+      alpha = jnp.exp2(m * c - m_scaled)
+      p = jnp.exp2(s * c - m_scaled[:, None])
+    else:
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - m_new[:, None])
     l_sum = l_sum * alpha + jnp.sum(p, axis=1)
     v = v_ref[pl.ds(start, block_size), :]
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
@@ -189,7 +211,7 @@ def _fwd_kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm,
   # out = 0 and lse = -inf, so that partial results merge by lse.
   empty = num_valid == 0
   o_ref[...] = jnp.where(empty, 0.0, acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_sum)) / LOG2E).reshape(qm, g)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m * m_unit + jnp.log(l_sum)).reshape(qm, g)
 
 
 def _dq_kernel(
@@ -332,7 +354,14 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
   qm = _queries_per_program(block_sizes.block_m, g, query_tile)
   per_tile = query_tile // qm
   q5 = q.reshape(b, t, hkv, g, d)
-  kernel = functools.partial(_fwd_kernel, block_size=block_size, qm=qm, g=g, scale=scale)
+  kernel = functools.partial(
+    _fwd_kernel,
+    block_size=block_size,
+    qm=qm,
+    g=g,
+    scale=scale,
+    fold_scale=block_sizes.fwd_fold_scale,
+  )
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   call = lambda ids, q5, k, v: pl.pallas_call(
@@ -529,6 +558,7 @@ def sparse_attention_pallas(
   query_tile: int,
   scale: float,
   block_sizes: BlockSizes | None = None,
+  compacted: bool = False,
   interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention of each query tile to its listed KV blocks (Pallas GPU kernels).
@@ -539,13 +569,18 @@ def sparse_attention_pallas(
   blocks distinct); returns out in q's dtype and the log-sum-exp, float32
   [batch, q_heads, T]; a query that sees no key gets out = 0 and lse = -inf.
   Differentiable in q, k and v.
+  `compacted=True`: block_ids is already in the kernels' layout (each tile's valid
+  blocks ascending, none after its own block, then -1s, as `index.pack_runs` builds
+  it), so the sort of `index.compact_block_lists` is skipped.
   `interpret=True` runs the kernels in the Pallas interpreter (CPU tests).
   """
   _check(q, k, v, block_ids, block_size, query_tile)
   block_sizes = block_sizes or BlockSizes.get_default()
-  ids = index.compact_block_lists(
-    jax.lax.stop_gradient(block_ids), block_size=block_size, query_tile=query_tile
-  )
+  block_ids = jax.lax.stop_gradient(block_ids)
+  if compacted:
+    ids = index.pad_slots(block_ids)
+  else:
+    ids = index.compact_block_lists(block_ids, block_size=block_size, query_tile=query_tile)
   return _sparse_attention(
     q, k, v, ids, block_size, query_tile, float(scale), block_sizes, interpret
   )
