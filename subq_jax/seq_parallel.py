@@ -20,8 +20,10 @@ Block kinds (`ssa`, `block_topk`, `sliding`), per shard under `shard_map`:
 4. Ring pass: the local K/V chunk travels P - 1 steps round the ring (`ppermute`,
    issued before the step's compute so that XLA overlaps them). At each step a tile
    attends to those of its listed blocks that the held chunk owns, and the partial
-   outputs merge exactly by log-sum-exp. Autodiff transposes each `ppermute` into the
-   reverse ring, which carries dk/dv back to the owners.
+   outputs merge exactly by log-sum-exp. The backward pass (`ring`'s custom VJP) sends
+   K/V round again with dK/dV accumulators, which a last step returns to the owners;
+   with Pallas each step's gradients come from the merged out and lse through the
+   kernels' dq and dK/dV passes (no forward recomputed).
 Per device: K/V O(T/P) (own chunk + the one in flight), summaries O(T/B); nothing ever
 gathers the sequence's K/V.
 
