@@ -7,7 +7,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
-left() { echo $((400 - (SECONDS - T0))); }
+left() { echo $((385 - (SECONDS - T0))); }
 log=$OUT/gpu_tests.log
 versions=$(python3 -c 'import jax, triton; print(f"jax {jax.__version__}, Triton {triton.__version__}")' 2>/dev/null)
 gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)

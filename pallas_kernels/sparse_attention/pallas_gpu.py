@@ -64,7 +64,9 @@ class BlockSizes:
       only with `dkv_chunk` > 0: per head, one sink program is a larger share.
     fwd_fold_scale: the forward keeps its running max in raw logits and applies the
       scale inside each exponent (one fused multiply-add per logit); False: the logits
-      are scaled first (a multiply per logit, then a subtract), kept to compare.
+      are scaled first (a multiply per logit, then a subtract). Measured the same on an
+      H100 at 1M (431 ms folded, 429 ms not, spread 10%): the forward is not bound by
+      its per-logit arithmetic. Kept for comparison.
   """
 
   block_m: int = 64
