@@ -232,14 +232,7 @@ def run(
     entry["eval_wall_s"] = round(time.time() - t0, 1)
     summary["mechanisms"][name] = entry
   summary["wall_s"] = round(time.time() - t_start, 1)
-  with open(os.path.join(out_dir, "compare.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  table = comparison_table(summary)
-  with open(os.path.join(out_dir, "compare.md"), "w") as f:
-    f.write(table + "\n")
-  plot_comparison(summary, out_dir)
-  log(table)
-  return summary
+  return _write(summary, out_dir, log)
 
 
 def assemble(paths, out_dir: str, log=print) -> dict:
@@ -262,14 +255,19 @@ def assemble(paths, out_dir: str, log=print) -> dict:
         merged["mechanisms"][name] = dict(entry)
       merged["mechanisms"][name]["sweep"] = sorted(sweep, key=lambda r: r["lr"])
   os.makedirs(out_dir, exist_ok=True)
+  return _write(merged, out_dir, log)
+
+
+def _write(summary: dict, out_dir: str, log) -> dict:
+  """compare.json, compare.md and the PNGs of a comparison; logs the table."""
   with open(os.path.join(out_dir, "compare.json"), "w") as f:
-    json.dump(merged, f, indent=1)
-  table = comparison_table(merged)
+    json.dump(summary, f, indent=1)
+  table = comparison_table(summary)
   with open(os.path.join(out_dir, "compare.md"), "w") as f:
     f.write(table + "\n")
-  plot_comparison(merged, out_dir)
+  plot_comparison(summary, out_dir)
   log(table)
-  return merged
+  return summary
 
 
 def _fmt(r) -> str:
