@@ -218,3 +218,12 @@ def test_indexer_learns_only_from_its_kl():
   assert float(m1["indexer_grad_norm"]) > 0.0
   m0 = indexer_grads(0.0)
   assert float(m0["indexer_grad_norm"]) == 0.0
+
+  # The indexer's input is detached: its KL reaches the indexer weights and nothing else.
+  def kl(p):
+    _, infos = nnx.merge(graphdef, p)(batch["tokens"][:, :-1], return_info=True)
+    return sum(jnp.mean(i.indexer_loss) for i in infos)
+
+  for path, g in jax.tree.leaves_with_path(jax.grad(kl)(params)):
+    is_indexer = "idx_" in jax.tree_util.keystr(path)
+    assert (float(jnp.abs(g).max()) > 0.0) == is_indexer, jax.tree_util.keystr(path)
