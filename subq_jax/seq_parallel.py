@@ -12,18 +12,23 @@ blocks `block_owner_table(...)[s]` of every sequence, ascending.
 Block kinds (`ssa`, `block_topk`, `sliding`), per shard under `shard_map`:
 1. Level-1 summaries of the local blocks (T/(P B) rows per KV head) are all-gathered:
    every shard holds the global level-1 table, O(T/B), and builds the upper levels.
-2. Routing rows: a tile routes with the Q routing queries ending at its first
+2. Routing window: a tile routes with the Q routing queries ending at its first
    position; the first tile of a block needs the end of the previous block, which may
    live on another shard. Those tails arrive by `ppermute` (one per distinct owner
-   offset of the layout: one for striped and contiguous, two for zigzag).
+   offset of the layout: one for striped and contiguous, two for zigzag) and take the
+   place of each local block's own last Q - 1 positions (which only the next block's
+   first tile reads) in one copy of the routing queries, so the one-device window rule
+   and its Pallas kernel apply unchanged.
 3. Each local tile descends the global tree (causal frontier from its global block).
 4. Ring pass: the local K/V chunk travels P - 1 steps round the ring (`ppermute`,
    issued before the step's compute so that XLA overlaps them). At each step a tile
    attends to those of its listed blocks that the held chunk owns, and the partial
-   outputs merge exactly by log-sum-exp. The backward pass (`ring`'s custom VJP) sends
-   K/V round again with dK/dV accumulators, which a last step returns to the owners;
-   with Pallas each step's gradients come from the merged out and lse through the
-   kernels' dq and dK/dV passes (no forward recomputed).
+   outputs merge exactly by log-sum-exp. The backward pass (custom VJPs) sends K/V
+   round again with dK/dV accumulators, which a last step returns to the owners.
+   With Pallas (`pallas_ring`) the kernels merge in place: each step's forward goes on
+   from the (out, lse) so far and each step's dq adds into dq; the gradients come from
+   the merged out and lse (no forward recomputed), and the last step's dK/dV are
+   written over the held K/V chunk, which is not needed any more.
 Per device: K/V O(T/P) (own chunk + the one in flight), summaries O(T/B); nothing ever
 gathers the sequence's K/V.
 
@@ -33,10 +38,9 @@ chunk, masked by global positions, so any layout is exact.
 
 Partial attention reuses `sparse_attention` (reference or Pallas), whose causal mask
 compares a tile's position in q with a block's position in k. For the own chunk local
-indices are already right (a shard's blocks keep their global order). For a remote
-chunk every listed block is strictly earlier, so the local queries are shifted right by
-`causal_shift` blocks (computed from the layout: 1 for striped) and the chunk padded at
-its end, which makes every listed remote block fully visible.
+indices are already right (a shard's blocks keep their global order). A tile lists only
+blocks before its own, so a remote chunk's blocks are seen whole: `causal=False`, no
+mask, no padded copies.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from pallas_kernels.sparse_attention import index as attention_index
+from pallas_kernels.sparse_attention import pallas_gpu
+from pallas_kernels.sparse_attention import reference as attention_reference
 from subq_jax import sharding
 from subq_jax import ssa as ssa_lib
 from subq_jax.config import BLOCK_KINDS, SSAConfig
@@ -160,21 +167,6 @@ def _inverse_tables(num_blocks: int, num_shards: int, layout: str):
 
 
 @functools.lru_cache(maxsize=64)
-def causal_shift(num_blocks: int, num_shards: int, layout: str) -> int:
-  """Blocks by which local queries move right so that every earlier remote block is
-  fully visible to `sparse_attention`'s causal mask: the max over shards s != r and
-  local blocks m of s of (c - m + 1), c the last block of r before m's global block."""
-  table = sharding.block_owner_table(num_blocks, num_shards, layout)
-  shift = 0
-  for s in range(num_shards):
-    for r in range(num_shards):
-      if r != s:
-        last_before = np.searchsorted(table[r], table[s]) - 1  # c for every m
-        shift = max(shift, int(np.max(last_before - np.arange(table.shape[1]) + 1)))
-  return shift
-
-
-@functools.lru_cache(maxsize=64)
 def _halo_plan(num_blocks: int, num_shards: int, layout: str):
   """Where each local block's predecessor tail comes from.
 
@@ -240,21 +232,21 @@ def block_sparse_shard(
   tile_j0 = jnp.repeat(block_gid, bs // qt)  # global block of each local tile
   rq = q if routing_q is None else routing_q
   rk = k if routing_k is None else routing_k
-  score_fn, attention_fn = ssa_lib._ops(implementation, rq.dtype)
-  # Pallas scores in the inputs' dtype anyway: rows in it halve their memory.
-  rows_dtype = rq.dtype if implementation == "pallas" else jnp.float32
-  selected = _select_shard(
-    rq, rk, config, tile_j0, score_fn, axis_name, num_shards, layout, rows_dtype
-  )
+  selected = _select_shard(rq, rk, config, tile_j0, implementation, axis_name, num_shards, layout)
   ids = _slot_list(selected, tile_j0, config)
-  step_backward = _pallas_step_backward(config, scale) if implementation == "pallas" else None
-  out = _ring_block_attention(
-    q, k, v, ids, config, attention_fn, scale, axis_name, num_shards, layout, step_backward
-  )
+  owner, local = (jnp.asarray(x) for x in _inverse_tables(num_blocks, num_shards, layout))
+  safe = jnp.maximum(ids, 0)
+  ids_owner = jnp.where(ids >= 0, owner[safe], -1)
+  ids_local = local[safe]
+  if implementation == "pallas":
+    plan = PallasRing(bs, qt, scale, axis_name, num_shards, jax.default_backend() == "cpu")
+    out = pallas_ring(plan, q, k, v, ids_owner, ids_local)
+  else:
+    out = _ring_block_attention(q, k, v, ids_owner, ids_local, config, scale, axis_name, num_shards)
   return (out, selected) if return_selected else out
 
 
-def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout, rows_dtype):
+def _select_shard(rq, rk, config, tile_j0, implementation, axis_name, p, layout):
   """Chosen global block ids [b, kv_heads, local tiles, top_k], ascending, -1 empty."""
   rq, rk = jax.lax.stop_gradient(rq), jax.lax.stop_gradient(rk)
   b, _, hkv, _ = rk.shape
@@ -269,13 +261,30 @@ def _select_shard(rq, rk, config, tile_j0, score_fn, axis_name, p, layout, rows_
   local_level1 = ssa_lib._tree(rk, config)[0]  # [b, hkv, n_local, D]
   gathered = jax.lax.all_gather(local_level1, axis_name, axis=2, tiled=True)  # (shard, m) order
   level1 = gathered[:, :, np.argsort(table.reshape(-1))]  # global block order
-  rows = _routing_rows(rq, hkv, config, axis_name, p, layout, rows_dtype)
+  window = _routing_window(rq, config, axis_name, p, layout)
+  # The window's leading block adds tiles in front, which route nowhere (prefix 0).
+  lead = config.block_size // config.tile
+  prefix = jnp.concatenate([jnp.zeros(lead, prefix.dtype), prefix])
   if config.kind == "block_topk":
-    chosen = ssa_lib._flat_topk(rows, level1, prefix, config)
-  else:
+    chosen = ssa_lib._flat_topk(ssa_lib._routing_rows(window, hkv, config), level1, prefix, config)
+  elif implementation == "pallas":  # the kernel reads each tile's window from the queries
+    from pallas_kernels.selector.pallas_gpu import score_candidates_from_queries_pallas
+
+    score_fn = functools.partial(
+      score_candidates_from_queries_pallas,
+      query_tile=config.tile,
+      summary=config.summary,
+      compute_dtype=rq.dtype,
+      interpret=jax.default_backend() == "cpu",
+    )
     tables = _tree_from_level1(level1, config)
+    chosen = ssa_lib._beam_descent(window, tables, prefix, config, score_fn, whole_top_nodes=128)
+  else:
+    rows = ssa_lib._routing_rows(window, hkv, config)
+    tables = _tree_from_level1(level1, config)
+    score_fn = ssa_lib._ops(implementation)[0]
     chosen = ssa_lib._beam_descent(rows, tables, prefix, config, score_fn)
-  return ssa_lib._sorted_ids(chosen, config.top_k)
+  return ssa_lib._sorted_ids(chosen[:, :, lead:], config.top_k)
 
 
 def _tree_from_level1(level1, config: SSAConfig) -> list[jax.Array]:
@@ -297,38 +306,42 @@ def _tree_from_level1(level1, config: SSAConfig) -> list[jax.Array]:
   return ssa_lib._tree(keys.transpose(0, 2, 1, 3), tiny)
 
 
-def _routing_rows(rq, hkv, config: SSAConfig, axis_name, p, layout, dtype=jnp.float32):
-  """Routing rows of the local tiles, [b, kv_heads, local tiles, Q * G, D] (as
-  `ssa._routing_rows` on one device, in `dtype`).
+def _routing_window(rq, config: SSAConfig, axis_name, p, layout):
+  """The local routing queries as one device's window rule wants them:
+  [b, (T/P) + block_size, q_heads, d], one leading block, then the local blocks.
 
-  Tile j of a block routes with the block's positions j Q - Q + 1 .. j Q; negative
-  positions are the last routing queries of the block's global predecessor (the halo,
-  from whichever shard owns it). Rows are gathered from the block and its halo directly:
-  nothing of the block's size is concatenated or routed twice.
+  Tile i of the result routes with its positions [i Q - Q + 1, i Q] (`ssa._routing_rows`,
+  or the Pallas kernel that reads windows from the queries). The first tile of a block
+  needs the last Q - 1 routing queries of the block's global predecessor, from whichever
+  shard owns it (the halo); no other tile reads a block's last Q - 1 positions. So
+  result block m holds local block m - 1's first positions and, in its last Q - 1
+  positions, the halo of local block m. Global block 0 has no predecessor: its halo
+  repeats its first position, as on one device.
   """
   b, tl, hq, dr = rq.shape
   bs, qt = config.block_size, config.tile
-  n_local = tl // bs
+  n_local, h = tl // bs, qt - 1
   shifts, sends, index = _halo_plan(n_local * p, p, layout)
-  me = jax.lax.axis_index(axis_name)
+  if not h:  # tiles of one query route with it alone: no halo
+    shifts, sends = (), ()
+  index = jnp.asarray(index)[jax.lax.axis_index(axis_name)]  # [n_local]
   blocks = rq.reshape(b, n_local, bs, hq, dr)
-  tails = blocks[:, :, bs - qt :]
-  options = [tails]
+  own = lambda x: x[:, :, bs - h :]
+  halo = jnp.take(own(blocks), jnp.clip(index, 0, n_local - 1), axis=1)
+  offset = n_local
   for s, sent in zip(shifts, sends, strict=True):
-    options.append(jax.lax.ppermute(tails[:, sent], axis_name, _ring(p, s)))
-  options.append(jnp.broadcast_to(blocks[:, :, :1], tails.shape))
-  halo = jnp.concatenate(options, axis=1)[:, jnp.asarray(index)[me]]  # [b, n, qt, hq, dr]
-  pos = (np.arange(bs // qt)[:, None] * qt - qt + 1 + np.arange(qt)).reshape(-1)
-  from_halo = jnp.asarray(pos < 0)[None, None, :, None, None]
-  rows = jnp.where(
-    from_halo, halo[:, :, np.maximum(pos + qt, 0)], blocks[:, :, np.maximum(pos, 0)]
-  ).astype(dtype)
-  g = hq // hkv
-  rows = rows.reshape(b, n_local, bs // qt, qt, hkv, g, dr).transpose(0, 4, 1, 2, 3, 5, 6)
-  rows = rows.reshape(b, hkv, n_local * (bs // qt), qt * g, dr)
-  if config.summary == "bounds":
-    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
-  return rows
+    # Tails that are most of their block go as whole blocks: no copy is made to send them.
+    whole = len(sent) == n_local and 2 * h >= bs
+    got = jax.lax.ppermute(blocks if whole else own(blocks[:, sent]), axis_name, _ring(p, s))
+    got = own(got) if whole else got
+    here = ((index >= offset) & (index < offset + len(sent)))[None, :, None, None, None]
+    halo = jnp.where(here, jnp.take(got, jnp.clip(index - offset, 0, len(sent) - 1), 1), halo)
+    offset += len(sent)
+  first = jnp.broadcast_to(blocks[:, :, :1], halo.shape)
+  halo = jnp.where((index >= offset)[None, :, None, None, None], first, halo)
+  pad = lambda x, front: jnp.pad(x, ((0, 0), (front, 1 - front), (0, 0), (0, 0), (0, 0)))
+  window = jnp.concatenate([pad(blocks[:, :, : bs - h], 1), pad(halo, 0)], axis=2)
+  return window.reshape(b, tl + bs, hq, dr)
 
 
 def _slot_list(selected, tile_j0, config: SSAConfig):
@@ -351,86 +364,142 @@ def _slot_list(selected, tile_j0, config: SSAConfig):
   ).astype(jnp.int32)
 
 
-def _ring_block_attention(
-  q, k, v, ids, config, attention_fn, scale, axis_name, p, layout, step_backward=None
-):
-  """Tiles attend to their listed global blocks as K/V chunks pass round the ring.
-
-  `step_backward` (see `_pallas_step_backward`) lets the backward pass use the merged
-  softmax statistics instead of recomputing each step's forward."""
-  bs, qt = config.block_size, config.tile
-  n_local = k.shape[1] // bs
-  num_blocks = n_local * p
-  owner, local = (jnp.asarray(x) for x in _inverse_tables(num_blocks, p, layout))
-  shift = causal_shift(num_blocks, p, layout)
-  safe = jnp.maximum(ids, 0)
-  ids_owner = jnp.where(ids >= 0, owner[safe], -1)
-  ids_local = local[safe]
-  kw = dict(block_size=bs, query_tile=qt, scale=scale)
-  pad_tiles = shift * bs // qt
+def _ring_block_attention(q, k, v, ids_owner, ids_local, config, scale, axis_name, p):
+  """Tiles attend to their listed global blocks (reference kernels) as K/V chunks pass
+  round the ring; `ring` differentiates each step."""
+  kw = dict(block_size=config.block_size, query_tile=config.tile, scale=scale)
 
   def compute(step, q, kv, own, aux):
     ids_owner, ids_local = aux
     me = jax.lax.axis_index(axis_name)
     ids_step = jnp.where(ids_owner == (me - step) % p, ids_local, -1)
-    if own:
-      return attention_fn(q, kv[0], kv[1], ids_step, **kw)
-    # Local queries moved right by `shift` blocks: every listed remote block is visible.
-    q_shifted = jnp.pad(q, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
-    ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
-    k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
-    o_s, lse_s = attention_fn(q_shifted, k_held, v_held, ids_step, **kw)
-    return o_s[:, shift * bs :], lse_s[:, :, shift * bs :]
+    return attention_reference.sparse_attention(q, kv[0], kv[1], ids_step, causal=own, **kw)
 
-  def backward(step, q, kv, own, aux, out, lse, d_out):
-    ids_owner, ids_local = aux
-    me = jax.lax.axis_index(axis_name)
-    ids_step = jnp.where(ids_owner == (me - step) % p, ids_local, -1)
-    if own:
-      dq, dk, dv = step_backward(q, kv[0], kv[1], ids_step, out, lse, d_out)
-      return dq, (dk, dv)
-    front = lambda x: jnp.pad(x, ((0, 0), (shift * bs, 0), (0, 0), (0, 0)))
-    ids_step = jnp.pad(ids_step, ((0, 0), (0, 0), (pad_tiles, 0), (0, 0)), constant_values=-1)
-    k_held, v_held = (jnp.pad(x, ((0, 0), (0, shift * bs), (0, 0), (0, 0))) for x in kv)
-    # A tile that lists no block of this chunk must get p = 0: its lse goes to -inf (as
-    # the kernel's own forward would report), also for the padding in front.
-    listed = jnp.any(ids_step >= 0, axis=-1)[:, :, pad_tiles:]  # [b, kv_heads, tiles]
-    hq, t = lse.shape[1], lse.shape[2]
-    listed = jnp.repeat(jnp.repeat(listed, hq // listed.shape[1], axis=1), t // listed.shape[2], 2)
-    lse_step = jnp.where(listed, lse, -jnp.inf)
-    lse_shifted = jnp.pad(lse_step, ((0, 0), (0, 0), (shift * bs, 0)), constant_values=-jnp.inf)
-    dq, dk, dv = step_backward(
-      front(q), k_held, v_held, ids_step, front(out), lse_shifted, front(d_out)
-    )
-    n = n_local * bs
-    return dq[:, shift * bs :], (dk[:, :n], dv[:, :n])
-
-  backward_fn = backward if step_backward is not None else None
-  return ring(compute, backward_fn, axis_name, p, q, (k, v), (ids_owner, ids_local))
+  return ring(compute, axis_name, p, q, (k, v), (ids_owner, ids_local))
 
 
-def _pallas_step_backward(config: SSAConfig, scale: float):
-  """(q, k, v, ids, out, lse, d_out) -> (dq, dk, dv) of the Pallas sparse attention for
-  given softmax statistics: with the ring's merged out and lse, one step's share of the
-  gradients (no forward recomputed)."""
-  from pallas_kernels.sparse_attention import index, pallas_gpu
+@dataclasses.dataclass(frozen=True)
+class PallasRing:
+  """The static half of `pallas_ring`."""
 
-  bs, qt = config.block_size, config.tile
-  block_sizes = pallas_gpu.BlockSizes.get_default()
-  interpret = jax.default_backend() == "cpu"
+  block_size: int
+  query_tile: int
+  scale: float
+  axis_name: str
+  num_shards: int
+  interpret: bool = False
 
-  def step_backward(q, k, v, ids, out, lse, d_out):
-    ids = index.compact_block_lists(ids, block_size=bs, query_tile=qt)
-    zero = jnp.zeros_like(lse)
-    return pallas_gpu._backward(
-      q, k, v, ids, out, lse, d_out, zero, bs, qt, scale, block_sizes, interpret
+  def ids(self, step, ids_owner, ids_local, own=False):
+    """Compacted lists of step `step`: the listed blocks of chunk (me - step) mod P,
+    as local indices of that chunk; the own chunk's (step 0) causally."""
+    me = jax.lax.axis_index(self.axis_name)
+    ids = jnp.where(ids_owner == (me - step) % self.num_shards, ids_local, -1)
+    return attention_index.compact_block_lists(
+      ids, block_size=self.block_size, query_tile=self.query_tile, causal=own
     )
 
-  return step_backward
+  def send(self, x):
+    return jax.lax.ppermute(x, self.axis_name, _ring(self.num_shards))
+
+  def kernel_args(self):
+    sizes = pallas_gpu.BlockSizes.get_default()
+    if getattr(sizes, "fwd_kernel", "triton") != "triton":  # the ring's steps need Triton's
+      sizes = dataclasses.replace(sizes, fwd_kernel="triton")
+    return self.block_size, self.query_tile, self.scale, sizes, self.interpret
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def ring(compute, backward, axis_name: str, p: int, q, kv, aux) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pallas_ring(plan: PallasRing, q, k, v, ids_owner, ids_local):
+  """Block-sparse ring attention with the Pallas kernels, merging in place.
+
+  q [b, T/P, q_heads, d], k and v [b, T/P, kv_heads, d] of this shard; ids_owner and
+  ids_local [b, kv_heads, tiles, slots]: owner shard and local index there of every
+  listed block (-1 empty). Step s attends to chunk (me - s) mod P: the own chunk
+  causally, then each remote chunk without a mask, the kernel going on from the (out,
+  lse) so far (`pallas_gpu._forward(init=...)`): no partial outputs, no f32 merge.
+  Returns out in q's dtype.
+
+  Backward (ring-flash style, no forward recomputed): delta = rowsum(d_out * out) once,
+  then out is dead; dq adds into itself in place at every step; the dK/dV of a held
+  chunk travel on with it (the accumulator of chunk c starts on shard c + 1) and a last
+  send returns them to the owner, who adds them to its own. At the last step the held
+  K/V go nowhere else, so their buffers take the gradients (`overwrite_kv`): per device,
+  besides inputs, gradients and d_out, the backward holds one chunk of K/V.
+  """
+  return _pallas_ring_fwd(plan, q, k, v, ids_owner, ids_local)[0]
+
+
+def _pallas_ring_fwd(plan, q, k, v, ids_owner, ids_local):
+  p = plan.num_shards
+  ids = lambda step: plan.ids(step, ids_owner, ids_local)
+  forward = lambda kv, ids, **kw: pallas_gpu._forward(q, *kv, ids, *plan.kernel_args(), **kw)
+  held = plan.send((k, v)) if p > 1 else None  # issued first: it overlaps the own step
+  out, lse = forward((k, v), plan.ids(0, ids_owner, ids_local, own=True))
+
+  def step(carry, index):
+    out, lse, held = carry
+    held_next = plan.send(held)
+    out, lse = forward(held, ids(index), causal=False, init=(out, lse))
+    return (out, lse, held_next), None
+
+  if p > 2:
+    (out, lse, held), _ = jax.lax.scan(step, (out, lse, held), jnp.arange(1, p - 1))
+  if p > 1:
+    out, lse = forward(held, ids(p - 1), causal=False, init=(out, lse))
+  return out, (q, k, v, ids_owner, ids_local, out, lse)
+
+
+def _pallas_ring_bwd(plan, res, d_out):
+  q, k, v, ids_owner, ids_local, out, lse = res
+  p = plan.num_shards
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  shape5 = (b, t, hkv, hq // hkv, d)
+  q5, do5 = q.reshape(shape5), d_out.astype(q.dtype).reshape(shape5)
+  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), -1).reshape(shape5[:4])
+  lse4 = lse.transpose(0, 2, 1).reshape(shape5[:4])
+  # K/V set off only once delta exists: `out` is dead before the held chunk arrives.
+  delta, k, v = jax.lax.optimization_barrier((delta, k, v))
+  ids = lambda step: plan.ids(step, ids_owner, ids_local)
+  args = lambda kv, ids: (q5, *kv, ids, do5, lse4, delta, *plan.kernel_args())
+  held = plan.send((k, v)) if p > 1 else None
+  own = args((k, v), plan.ids(0, ids_owner, ids_local, own=True))
+  dq, (dk, dv) = pallas_gpu._backward_dq(*own), pallas_gpu._backward_dkv(*own)
+
+  def remote(index, held, dq, acc, last):
+    step_args = functools.partial(args, ids=ids(index))
+    dq = pallas_gpu._backward_dq(*step_args(held), causal=False, dq_init=dq)
+    if last:  # the dq pass has read the held K/V before their buffers take dK/dV
+      held, dq = jax.lax.optimization_barrier((held, dq))
+    dkv = pallas_gpu._backward_dkv(*step_args(held), causal=False, overwrite_kv=last)
+    if acc is not None:
+      dkv = jax.tree.map(jnp.add, acc, dkv)
+    return dq, plan.send(dkv)  # to the next holder of this chunk, or home after the last
+
+  if p > 1:
+    acc = None
+    if p > 2:
+      held_next = plan.send(held)
+      dq, acc = remote(1, held, dq, None, False)
+      held = held_next
+
+      def body(carry, index):
+        dq, held, acc = carry
+        held_next = plan.send(held)
+        dq, acc = remote(index, held, dq, acc, False)
+        return (dq, held_next, acc), None
+
+      (dq, held, acc), _ = jax.lax.scan(body, (dq, held, acc), jnp.arange(2, p - 1))
+    dq, (dk_more, dv_more) = remote(p - 1, held, dq, acc, True)
+    dk, dv = dk + dk_more, dv + dv_more
+  return dq.reshape(q.shape), dk, dv, None, None
+
+
+pallas_ring.defvjp(_pallas_ring_fwd, _pallas_ring_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   """Ring attention: `compute(step, q, held_kv, own, aux)` -> (out, lse) per step.
 
   At step s a shard holds the K/V chunk of shard (me - s) mod P; partials merge by lse.
@@ -444,16 +513,12 @@ def ring(compute, backward, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   per-device memory stays O(T/P): plain autodiff would keep every held chunk.
   `aux` (int arrays) gets no cotangent. Partials merge in float32; the output (and the
   residual kept for the backward pass) is in q's dtype, as a single-device kernel's.
-
-  `backward(step, q, held_kv, own, aux, out, lse, d_out)` -> (dq, (dk, dv)), if given,
-  computes a step's gradients from the merged out and lse (ring-flash-attention style:
-  softmax probabilities against the global lse, delta = rowsum(d_out * out)), so the
-  backward pass recomputes no forward; None differentiates `compute` instead.
+  (`pallas_ring` is the Pallas path's own ring, which merges inside the kernels.)
   """
-  return _ring_fwd(compute, backward, axis_name, p, q, kv, aux)[0]
+  return _ring_fwd(compute, axis_name, p, q, kv, aux)[0]
 
 
-def _ring_fwd(compute, backward, axis_name, p, q, kv, aux):
+def _ring_fwd(compute, axis_name, p, q, kv, aux):
   send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
   held = send(kv) if p > 1 else None
   out, lse = merge_partials(None, None, *compute(0, q, kv, True, aux))
@@ -472,7 +537,7 @@ def _ring_fwd(compute, backward, axis_name, p, q, kv, aux):
   return out, (q, kv, aux, out, lse)
 
 
-def _ring_bwd(compute, backward, axis_name, p, res, d_out):
+def _ring_bwd(compute, axis_name, p, res, d_out):
   q, kv, aux, out, lse = res
   send = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring(p))
   # Row term of the softmax backward through the merge: out = sum_s w_s out_s with
@@ -488,8 +553,6 @@ def _ring_bwd(compute, backward, axis_name, p, res, d_out):
     d_lse = w * delta.transpose(0, 2, 1)
     return vjp(((w_t * f32(d_out)).astype(o_s.dtype), d_lse))
 
-  if backward is not None:
-    step_grads = lambda index, held, own: backward(index, q, held, own, aux, out, lse, d_out)
   d_q, d_held = f32(step_grads(0, kv, True))
   if p > 1:
 
@@ -549,7 +612,7 @@ def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_siz
     me = jax.lax.axis_index(axis_name)
     return dense_partial(q, kv[0], kv[1], aux, positions((me - step) % p), scale)
 
-  return ring(compute, None, axis_name, p, q, (k, v), q_pos)
+  return ring(compute, axis_name, p, q, (k, v), q_pos)
 
 
 def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):

@@ -52,13 +52,6 @@ def test_layouts_balance_causal_work():
   assert work["zigzag"].max() == work["zigzag"].min()
 
 
-def test_causal_shift():
-  assert seq_parallel.causal_shift(16, 4, "striped") == 1
-  assert seq_parallel.causal_shift(16, 4, "zigzag") == 2  # half a shard's blocks
-  assert seq_parallel.causal_shift(16, 4, "contiguous") == 4
-  assert seq_parallel.causal_shift(16, 1, "striped") == 0
-
-
 def test_logical_rules():
   spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"))
   assert spec == PartitionSpec(("data", "fsdp"), "seq", None, None)

@@ -26,13 +26,17 @@ def next_power_of_2(x: int) -> int:
   return 1 << max(0, int(x) - 1).bit_length()
 
 
-def compact_block_lists(block_ids: jax.Array, *, block_size: int, query_tile: int) -> jax.Array:
+def compact_block_lists(
+  block_ids: jax.Array, *, block_size: int, query_tile: int, causal: bool = True
+) -> jax.Array:
   """Valid blocks of each tile, ascending, then -1s; the slot axis padded to a power of 2.
 
   Args:
     block_ids: int32 [batch, kv_heads, tiles, slots], -1 for an empty slot.
     block_size: keys per block (B).
     query_tile: queries per tile (Q).
+    causal: drop blocks after the tile's own block; False keeps every listed block
+      (attention without a causal mask, see `sparse_attention_pallas`).
 
   Returns:
     int32 [batch, kv_heads, tiles, next_power_of_2(slots)]. Blocks after the tile's own
@@ -40,7 +44,9 @@ def compact_block_lists(block_ids: jax.Array, *, block_size: int, query_tile: in
   """
   num_tiles, slots = block_ids.shape[2:]
   own_block = (jnp.arange(num_tiles, dtype=jnp.int32) * query_tile) // block_size
-  valid = (block_ids >= 0) & (block_ids <= own_block[None, None, :, None])
+  valid = block_ids >= 0
+  if causal:
+    valid = valid & (block_ids <= own_block[None, None, :, None])
   keys = jnp.sort(jnp.where(valid, block_ids, _EMPTY), axis=-1)
   ids = jnp.where(keys == _EMPTY, -1, keys).astype(jnp.int32)
   padded = next_power_of_2(slots)

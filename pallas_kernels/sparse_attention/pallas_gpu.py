@@ -160,9 +160,15 @@ def _mask(s, q_pos, k_pos):
 
 
 def _fwd_kernel(
-  ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, qm, g, scale, fold_scale
+  ids_ref, q_ref, k_ref, v_ref, *refs, block_size, qm, g, scale, fold_scale, causal, init
 ):
-  """One chunk of qm queries x G heads against its tile's compacted block list."""
+  """One chunk of qm queries x G heads against its tile's compacted block list.
+
+  `causal=False`: no causal mask (the caller lists only blocks before the tile). `init`:
+  refs start with an earlier (out, lse) of these queries over other keys, aliased to the
+  outputs; the online softmax goes on from it, so the result is the exact merge.
+  """
+  o_in_ref, lse_in_ref, o_ref, lse_ref = refs if init else (None, None, *refs)
   d = q_ref.shape[-1]
   rows = qm * g
   q_first = pl.program_id(2) * qm
@@ -170,6 +176,8 @@ def _fwd_kernel(
   q_pos = (q_first + jnp.arange(rows, dtype=jnp.int32) // g)[:, None]
   k_off = jnp.arange(block_size, dtype=jnp.int32)[None, :]
   num_valid = jnp.sum((ids_ref[...] >= 0).astype(jnp.int32))
+  if init:  # with no listed block, the masked step below must add nothing
+    q_pos = jnp.where(num_valid > 0, q_pos, -1)
 
   # m and l (see the FlashAttention paper) are the running max and sum of the row's
   # exponentials; acc is the unnormalised output. With fold_scale, m is kept in raw
@@ -206,19 +214,33 @@ def _fwd_kernel(
     jnp.full((rows,), MASK_VALUE, jnp.float32),
     jnp.zeros((rows,), jnp.float32),
   )
-  # Blocks before the tile's own block are fully visible; the own block comes last.
-  carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
-  acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
   # A tile with no valid block (a partial list, e.g. one shard's share) sees no key:
   # out = 0 and lse = -inf, so that partial results merge by lse.
-  empty = num_valid == 0
-  o_ref[...] = jnp.where(empty, 0.0, acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
+  empty = o_empty = num_valid == 0
+  if init:  # the earlier result is one more, normalised, term: l = 1 at m = its lse
+    lse_in = lse_in_ref[...].reshape(rows)
+    l_in = (lse_in > -jnp.inf).astype(jnp.float32)
+    acc_in = o_in_ref[...].reshape(rows, d).astype(jnp.float32) * l_in[:, None]
+    carry = (acc_in, jnp.where(l_in > 0, lse_in / m_unit, MASK_VALUE), l_in)
+    empty = empty & (l_in == 0)
+    o_empty = empty[:, None]
+  if causal:
+    # Blocks before the tile's own block are fully visible; the own block comes last.
+    carry = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), carry)
+    acc, m, l_sum = step(jnp.maximum(num_valid - 1, 0), carry, masked=True)
+  else:
+    acc, m, l_sum = jax.lax.fori_loop(0, num_valid, functools.partial(step, masked=False), carry)
+  o_ref[...] = jnp.where(o_empty, 0.0, acc / l_sum[:, None]).reshape(qm, g, d).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, -jnp.inf, m * m_unit + jnp.log(l_sum)).reshape(qm, g)
 
 
 def _dq_kernel(
-  ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_size, qm, g, scale
-):
+  ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, block_size, qm, g, scale,
+  causal, init,
+):  # fmt: skip
+  """dq of one chunk of queries; `init`: refs start with a dq that the result adds to
+  (aliased to the output); `causal` as in `_fwd_kernel`."""
+  dq_in_ref, dq_ref = refs if init else (None, *refs)
   d = q_ref.shape[-1]
   rows = qm * g
   q_first = pl.program_id(2) * qm
@@ -242,11 +264,16 @@ def _dq_kernel(
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(
-    0, num_valid - 1, functools.partial(step, masked=False), jnp.zeros((rows, d), jnp.float32)
-  )
-  dq = step(jnp.maximum(num_valid - 1, 0), dq, masked=True)
-  dq_ref[...] = (dq * scale).reshape(qm, g, d).astype(dq_ref.dtype)
+  zero = jnp.zeros((rows, d), jnp.float32)
+  if causal:
+    dq = jax.lax.fori_loop(0, num_valid - 1, functools.partial(step, masked=False), zero)
+    dq = step(jnp.maximum(num_valid - 1, 0), dq, masked=True)
+  else:
+    dq = jax.lax.fori_loop(0, num_valid, functools.partial(step, masked=False), zero)
+  dq = (dq * scale).reshape(qm, g, d)
+  if init:
+    dq = dq + dq_in_ref[...].astype(jnp.float32)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
@@ -348,7 +375,11 @@ def _check(q, k, v, block_ids, block_size, query_tile):
     raise ValueError(f"{block_ids.shape=} must start with {(b, hkv, t // query_tile)}")
 
 
-def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
+def _forward(
+  q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret, causal=True, init=None
+):
+  """(out, lse); `init` = an earlier (out, lse) of q over other keys, which the result
+  merges with, in place (the kernel's outputs alias them); `causal` as in `_fwd_kernel`."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
@@ -363,40 +394,43 @@ def _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret
     g=g,
     scale=scale,
     fold_scale=block_sizes.fwd_fold_scale,
+    causal=causal,
+    init=init is not None,
   )
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
+  lse_spec = pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
-  call = lambda ids, q5, k, v: pl.pallas_call(
+  ids_spec = pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0))
+  arrays = [(ids, 1), (q5, 2), (k, 2), (v, 2)]
+  if init is not None:
+    out_in, lse_in = init
+    lse_in = lse_in.transpose(0, 2, 1).reshape(q5.shape[:-1])
+    arrays += [(out_in.reshape(q5.shape), 2), (lse_in.astype(jnp.float32), 2)]
+  call = lambda ids, q5, k, v, *init: pl.pallas_call(
     kernel,
     grid=(b, k.shape[2], t // qm),
-    in_specs=[
-      pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
-      rows_spec,
-      kv_spec,
-      kv_spec,
-    ],
-    out_specs=[
-      rows_spec,
-      pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0)),
-    ],
+    in_specs=[ids_spec, rows_spec, kv_spec, kv_spec] + [rows_spec, lse_spec][: len(init)],
+    out_specs=[rows_spec, lse_spec],
     out_shape=[
       jax.ShapeDtypeStruct(q5.shape, q5.dtype),
       jax.ShapeDtypeStruct(q5.shape[:-1], jnp.float32),
     ],
+    input_output_aliases={4: 0, 5: 1} if init else {},
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
     ),
     interpret=interpret,
     name="ssa_sparse_attention_fwd",
-  )(ids, q5, k, v)
+  )(ids, q5, k, v, *init)
   split = block_sizes.split_heads_over_4gib
-  out, lse = _per_kv_head(split, call, (2, 3), (ids, 1), (q5, 2), (k, 2), (v, 2))
+  out, lse = _per_kv_head(split, call, (2, 3), *arrays)
   return out.reshape(b, t, hq, d), lse.reshape(b, t, hq).transpose(0, 2, 1)
 
 
 def _backward(
-  q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret
-):
+  q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret,
+  causal=True,
+):  # fmt: skip
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
@@ -408,15 +442,16 @@ def _backward(
   delta = delta.reshape(b, t, hkv, g)
   lse4 = lse.transpose(0, 2, 1).reshape(b, t, hkv, g)
   args = (q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret)
-  dq = _backward_dq(*args)
-  dk, dv = _backward_dkv(*args)
+  dq = _backward_dq(*args, causal=causal)
+  dk, dv = _backward_dkv(*args, causal=causal)
   return dq.reshape(q.shape), dk, dv
 
 
 def _backward_dq(
-  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret
-):
-  """dq, query-centric: [b, T, kv_heads, G, d]."""
+  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret,
+  causal=True, dq_init=None,
+):  # fmt: skip
+  """dq, query-centric: [b, T, kv_heads, G, d]; plus `dq_init` (same shape), in place."""
   b, t, hkv, g, d = q5.shape
   slots = ids.shape[-1]
   qm = _queries_per_program(block_sizes.block_m_dq, g, query_tile)
@@ -424,8 +459,12 @@ def _backward_dq(
   rows_spec = pl.BlockSpec((None, qm, None, g, d), lambda bi, hi, i: (bi, i, hi, 0, 0))
   stat_spec = pl.BlockSpec((None, qm, None, g), lambda bi, hi, i: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, t, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
-  call = lambda ids, q5, k, v, do5, lse4, delta: pl.pallas_call(
-    functools.partial(_dq_kernel, block_size=block_size, qm=qm, g=g, scale=scale),
+  init = () if dq_init is None else ((dq_init, 2),)
+  kernel = functools.partial(
+    _dq_kernel, block_size=block_size, qm=qm, g=g, scale=scale, causal=causal, init=bool(init)
+  )
+  call = lambda ids, q5, k, v, do5, lse4, delta, *dq_init: pl.pallas_call(
+    kernel,
     grid=(b, k.shape[2], t // qm),
     in_specs=[
       pl.BlockSpec((None, None, None, slots), lambda bi, hi, i: (bi, hi, i // per_tile, 0)),
@@ -435,28 +474,37 @@ def _backward_dq(
       rows_spec,
       stat_spec,
       stat_spec,
-    ],
+    ]
+    + [rows_spec] * len(dq_init),
     out_specs=rows_spec,
     out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+    input_output_aliases={7: 0} if dq_init else {},
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.num_warps_dq, num_stages=block_sizes.num_stages_dq
     ),
     interpret=interpret,
     name="ssa_sparse_attention_dq",
-  )(ids, q5, k, v, do5, lse4, delta)
-  head_axes = ((ids, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2), (delta, 2))
+  )(ids, q5, k, v, do5, lse4, delta, *dq_init)
+  head_axes = ((ids, 1), (q5, 2), (k, 2), (v, 2), (do5, 2), (lse4, 2), (delta, 2), *init)
   return _per_kv_head(block_sizes.split_heads_over_4gib, call, (2, 3), *head_axes)
 
 
 def _backward_dkv(
-  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret
-):
-  """dk and dv, key-centric over the transposed (CSR) index: [b, T, kv_heads, d] each."""
+  q5, k, v, ids, do5, lse4, delta, block_size, query_tile, scale, block_sizes, interpret,
+  causal=True, overwrite_kv=False,
+):  # fmt: skip
+  """dk and dv, key-centric over the transposed (CSR) index: [b, T, kv_heads, d] each.
+
+  `overwrite_kv`: dk and dv are written over k and v (a program reads only its own
+  block's k and v, before it writes that block), so no new buffers are needed when the
+  caller is done with k and v."""
   b, t, hkv, g, d = q5.shape
   num_blocks = t // block_size
   tiles_sorted, meta = index.transpose_block_lists(
     ids, num_blocks=num_blocks, block_size=block_size, query_tile=query_tile
   )
+  if not causal:  # no tile is masked: every entry goes to the unmasked loop
+    meta = meta.at[..., 1].set(meta[..., 0])
   entries = tiles_sorted.shape[-1]
   seg_meta, slot_group, group_block = index.segment_block_lists(
     meta, entries=entries, segment=block_sizes.dkv_chunk
@@ -499,6 +547,7 @@ def _backward_dkv(
       ],
       out_specs=[kv_spec, kv_spec, part_spec, part_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 + [part_shape] * 2,
+      input_output_aliases={3: 0, 4: 1} if overwrite_kv else {},
       compiler_params=plgpu.CompilerParams(
         num_warps=block_sizes.num_warps_dkv, num_stages=block_sizes.num_stages_dkv
       ),
@@ -528,22 +577,25 @@ def _backward_dkv(
   return _per_kv_head(block_sizes.split_heads_over_4gib, call, (4, 7), *head_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _sparse_attention(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
-  return _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _sparse_attention(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret, causal):
+  return _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret, causal)
 
 
-def _sparse_attention_fwd(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret):
-  out, lse = _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret)
+def _sparse_attention_fwd(
+  q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret, causal
+):
+  out, lse = _forward(q, k, v, ids, block_size, query_tile, scale, block_sizes, interpret, causal)
   return (out, lse), (q, k, v, ids, out, lse)
 
 
-def _sparse_attention_bwd(block_size, query_tile, scale, block_sizes, interpret, res, cts):
+def _sparse_attention_bwd(block_size, query_tile, scale, block_sizes, interpret, causal, res, cts):
   q, k, v, ids, out, lse = res
   do, dlse = cts
   dq, dk, dv = _backward(
-    q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret
-  )
+    q, k, v, ids, out, lse, do, dlse, block_size, query_tile, scale, block_sizes, interpret,
+    causal,
+  )  # fmt: skip
   return dq, dk, dv, None
 
 
@@ -561,6 +613,7 @@ def sparse_attention_pallas(
   scale: float,
   block_sizes: BlockSizes | None = None,
   compacted: bool = False,
+  causal: bool = True,
   interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention of each query tile to its listed KV blocks (Pallas GPU kernels).
@@ -574,6 +627,8 @@ def sparse_attention_pallas(
   `compacted=True`: block_ids is already in the kernels' layout (each tile's valid
   blocks ascending, none after its own block, then -1s, as `index.pack_runs` builds
   it), so the sort of `index.compact_block_lists` is skipped.
+  `causal=False`: no causal mask, every listed block is seen whole (the caller lists
+  only blocks before the tile: a sequence shard's earlier blocks held by another shard).
   `interpret=True` runs the kernels in the Pallas interpreter (CPU tests).
   """
   _check(q, k, v, block_ids, block_size, query_tile)
@@ -582,7 +637,9 @@ def sparse_attention_pallas(
   if compacted:
     ids = index.pad_slots(block_ids)
   else:
-    ids = index.compact_block_lists(block_ids, block_size=block_size, query_tile=query_tile)
+    ids = index.compact_block_lists(
+      block_ids, block_size=block_size, query_tile=query_tile, causal=causal
+    )
   return _sparse_attention(
-    q, k, v, ids, block_size, query_tile, float(scale), block_sizes, interpret
+    q, k, v, ids, block_size, query_tile, float(scale), block_sizes, interpret, causal
   )

@@ -30,6 +30,7 @@ def sparse_attention(
   query_tile: int,
   scale: float,
   tiles_per_chunk: int | None = None,
+  causal: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention of each query tile to its listed KV blocks.
 
@@ -43,6 +44,8 @@ def sparse_attention(
     query_tile: queries per tile (Q); divides B.
     scale: softmax scale.
     tiles_per_chunk: tiles processed together (default: as many as fit CHUNK_ELEMENTS).
+    causal: False drops the causal mask: every listed key is seen (the caller lists only
+      earlier blocks, e.g. a sequence shard's blocks held by another shard).
 
   Returns:
     out [batch, T, q_heads, head_dim] in q's dtype, and the log-sum-exp of the scaled
@@ -83,9 +86,9 @@ def sparse_attention(
     logits = logits * scale
     q_pos = tile * query_tile + row_query  # [R]
     k_pos = safe_ids[..., None] * block_size + key_offsets  # [b, K, S, Bs]
-    visible = (ids_t >= 0)[:, :, None, :, None] & (
-      k_pos[:, :, None, :, :] <= q_pos[None, None, :, None, None]
-    )
+    visible = (ids_t >= 0)[:, :, None, :, None]
+    if causal:
+      visible = visible & (k_pos[:, :, None, :, :] <= q_pos[None, None, :, None, None])
     logits = jnp.where(visible, logits, -jnp.inf)
     # A row that sees no key (possible for a partial block list, e.g. one shard's share
     # of a tile's blocks) gives out = 0 and lse = -inf, so partial results merge by lse.
