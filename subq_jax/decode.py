@@ -51,14 +51,19 @@ def cache_multiple(model_cfg) -> int:
 # ----------------------------------------------------------------------------- layers
 
 
-def _layer(block, x, positions_BxT, inv_freq, attend_fn):
-  """One decoder block as `Block.__call__`, with attention replaced by `attend_fn`."""
+def _layer(block, x, positions_BxT, inv_freq, attend_fn, history=None):
+  """One decoder block as `Block.__call__`, with attention replaced by `attend_fn`.
+
+  Returns (x, attend_fn's extra, the attention input): the short convolution's cache is
+  the last W - 1 attention inputs, `history` those before x.
+  """
   b, t, _ = x.shape
   attn = block.attn
-  q, k, v, routing = attn.project(block.attn_norm(x), positions_BxT, inv_freq)
+  xn = block.attn_norm(x)
+  q, k, v, routing = attn.project(xn, positions_BxT, inv_freq, history)
   out, extra = attend_fn(attn.attn_cfg, q, k, v, routing)
   x = x + attn.wo(out.reshape(b, t, -1))
-  return x + block.mlp(block.mlp_norm(x)), extra
+  return x + block.mlp(block.mlp_norm(x)), extra, xn
 
 
 def _routing_inputs(a: SSAConfig, q, k, routing):
@@ -103,8 +108,13 @@ def prefill(model, tokens_BxT, lengths_B, *, return_argmax: bool = False):
 
   x = model.embed(tokens_BxT)
   layers, pairs = [], []
+  w = cfg.short_conv
   for block in model.blocks:
-    x, (layer, p) = _layer(block, x, positions, inv_freq, attend_fn)
+    x, (layer, p), xn = _layer(block, x, positions, inv_freq, attend_fn)
+    if w > 1:  # the W - 1 attention inputs before position lengths_B (zeros before 0)
+      back = lengths_B[:, None] - (w - 1) + jnp.arange(w - 1)[None, :]
+      rows = jnp.arange(b)[:, None]
+      layer["conv"] = jnp.where((back >= 0)[..., None], xn[rows, jnp.maximum(back, 0)], 0)
     layers.append(layer)
     pairs.append(p)
   fraction = jnp.mean(jnp.stack(pairs)) / (t * (t + 1) / 2)
@@ -154,8 +164,11 @@ def step(model, cache, tokens_B):
     return out[:, None], None
 
   x = model.embed(tokens_B[:, None])
-  for block in model.blocks:
-    x, _ = _layer(block, x, pos[:, None], inv_freq, attend_fn)
+  for i, block in enumerate(model.blocks):
+    history = cache["layers"][i].get("conv")
+    x, _, xn = _layer(block, x, pos[:, None], inv_freq, attend_fn, history)
+    if history is not None:
+      new_layers[i]["conv"] = jnp.concatenate([history[:, 1:], xn.astype(history.dtype)], axis=1)
   logits = model.head(x)[:, 0]
   return logits, {"pos": pos + 1, "layers": new_layers}
 

@@ -53,6 +53,10 @@ class ModelConfig:
     remat: one of `REMAT_POLICIES` (rematerialisation of each decoder block).
     attention_impl: passed to `ssa_attention(implementation=...)`; None = best.
     norm_eps: RMSNorm epsilon.
+    short_conv: width W of a causal depthwise convolution, with a residual, on each
+      attention layer's normalised input (x_t + sum_j c_j x_{t-j}, j < W), as the short
+      convolutions of H3 / Based and the Canon layers; 0 = off. A key then carries the
+      tokens just before it, so one attention layer can do associative recall.
   """
 
   vocab_size: int = 258
@@ -75,6 +79,7 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str | None = None
   norm_eps: float = 1e-6
+  short_conv: int = 0
 
   def __post_init__(self):
     if isinstance(self.attention, dict):
@@ -99,6 +104,8 @@ class ModelConfig:
     for kind in self.attention_pattern:
       if kind not in KINDS:
         raise ValueError(f"model.attention_pattern has kind={kind!r}, not one of {KINDS}")
+    if not isinstance(self.short_conv, int) or self.short_conv < 0:
+      raise ValueError(f"model.short_conv={self.short_conv!r} must be an integer >= 0")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
     if self.rope_scale < 1.0:
@@ -227,13 +234,38 @@ class Attention(nnx.Module):
       self.idx_q = _dense(cfg.d_model, a.indexer_heads * a.indexer_dim, cfg, rngs)
       self.idx_k = _dense(cfg.d_model, a.indexer_dim, cfg, rngs)
       self.idx_w = _dense(cfg.d_model, a.indexer_heads, cfg, rngs)
+    if cfg.short_conv:
+      init = nnx.initializers.normal(1.0 / cfg.short_conv)
+      self.conv = nnx.Param(
+        init(rngs.params(), (cfg.short_conv, cfg.d_model)), **_logical(None, "embed")
+      )
 
-  def project(self, x_BxTxD, positions_BxT, inv_freq):
+  def short_conv(self, x_BxTxD, history_BxWxD=None):
+    """x + causal depthwise convolution of x (identity when `short_conv` is 0).
+
+    `history_BxWxD` holds the W - 1 inputs before x's first position (zeros at the
+    sequence start; the decoder passes its cache).
+    """
+    w = self.cfg.short_conv
+    if not w:
+      return x_BxTxD
+    b, t, d = x_BxTxD.shape
+    if history_BxWxD is None:
+      history_BxWxD = jnp.zeros((b, w - 1, d), x_BxTxD.dtype)
+    padded = jnp.concatenate([history_BxWxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
+    c = self.conv[...].astype(x_BxTxD.dtype)
+    # c[j] weighs the input j positions back.
+    mixed = sum(c[j] * padded[:, w - 1 - j : w - 1 - j + t] for j in range(w))
+    return x_BxTxD + mixed
+
+  def project(self, x_BxTxD, positions_BxT, inv_freq, history_BxWxD=None):
     """(q, k, v) with RoPE applied and the routing inputs (`ssa_attention` kwargs).
 
-    Shared by the full forward and the KV-cache decoder (`subq_jax.decode`).
+    Shared by the full forward and the KV-cache decoder (`subq_jax.decode`), which passes
+    the short convolution's `history_BxWxD` (see `short_conv`).
     """
     cfg, a = self.cfg, self.attn_cfg
+    x_BxTxD = self.short_conv(x_BxTxD, history_BxWxD)
     b, t, _ = x_BxTxD.shape
     hd = cfg.dim_per_head
     q = self.wq(x_BxTxD).reshape(b, t, cfg.num_heads, hd)

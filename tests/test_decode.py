@@ -32,7 +32,8 @@ TOL = {"float32": 2e-4, "bfloat16": 5e-2}
 # selections depend on the earlier layers' cached outputs.
 ALL_KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
 CASES = {
-  "every_kind_mean_summary": dict(attention_pattern=ALL_KINDS),
+  # A short convolution of width 7 reaches before the 5-token prompt's start.
+  "every_kind_mean_summary_short_conv": dict(attention_pattern=ALL_KINDS, short_conv=7),
   # Bounds summaries, position-free routing keys, tiles of a whole block, RoPE scaled by
   # YaRN (as at evaluation beyond the training length).
   "bounds_position_free_routing_yarn": dict(

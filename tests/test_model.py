@@ -69,13 +69,22 @@ def test_shapes_and_dtypes(tie):
 
 
 @pytest.mark.parametrize(
-  "kind,pattern",
-  [("dense", ()), ("ssa", ()), ("sliding", ()), ("ssa", ("ssa", "dense"))],
+  "kind,pattern,conv",
+  [
+    ("dense", (), 0),
+    ("ssa", (), 0),
+    ("sliding", (), 0),
+    ("ssa", ("ssa", "dense"), 0),
+    ("ssa", (), 4),
+  ],
 )
-def test_causal(kind, pattern):
+def test_causal(kind, pattern, conv):
   """Changing tokens after t leaves the logits at positions <= t unchanged."""
   cfg = dataclasses.replace(
-    TINY, attention=dataclasses.replace(ATTN, kind=kind), attention_pattern=pattern
+    TINY,
+    attention=dataclasses.replace(ATTN, kind=kind),
+    attention_pattern=pattern,
+    short_conv=conv,
   )
   model = Transformer(cfg, rngs=nnx.Rngs(2))
   seq, t = 40, 21
@@ -84,6 +93,23 @@ def test_causal(kind, pattern):
   la, lb = _apply(model, a), _apply(model, b)
   chex.assert_trees_all_close(la[:, : t + 1], lb[:, : t + 1], atol=1e-5, rtol=1e-5)
   assert not np.allclose(la[:, t + 1 :], lb[:, t + 1 :], atol=1e-3)
+
+
+def test_short_conv_mixes_earlier_tokens():
+  """Width W: the attention input at t is x_t plus weighted x_{t-1} .. x_{t-W+1}."""
+  cfg = dataclasses.replace(TINY, short_conv=3)
+  attn = Transformer(cfg, rngs=nnx.Rngs(7)).blocks[0].attn
+  x = jax.random.normal(jax.random.key(8), (2, 9, cfg.d_model))
+  c = np.asarray(attn.conv[...])
+  xs = np.asarray(x)
+  want = xs + c[0] * xs
+  want[:, 1:] += c[1] * xs[:, :-1]
+  want[:, 2:] += c[2] * xs[:, :-2]
+  chex.assert_trees_all_close(attn.short_conv(x), want, atol=1e-5, rtol=1e-5)
+  # Zero history is the sequence start; a given history is read as the inputs before.
+  hist = jax.random.normal(jax.random.key(9), (2, 2, cfg.d_model))
+  full = attn.short_conv(jnp.concatenate([hist, x], axis=1))
+  chex.assert_trees_all_close(attn.short_conv(x, hist), full[:, 2:], atol=1e-5, rtol=1e-5)
 
 
 def test_attention_pattern_per_layer():
@@ -135,6 +161,7 @@ def test_yarn_changes_model_only_when_scaled():
     (dict(d_model=30, num_heads=4), "not divisible"),
     (dict(attention_pattern=("ssa", "flash")), "attention_pattern"),
     (dict(remat="some"), "remat"),
+    (dict(short_conv=-1), "short_conv"),
     (dict(rope_scale=2.0), "rope_original_length"),
   ],
 )
