@@ -45,11 +45,29 @@ def gpu_plan() -> list[dict]:
   return [
     # One GPU: plain ssa_attention (the best single-device path); two: sequence-parallel.
     layer("ssa_1", "ssa", 1, M, 3, {"step": M // 4, "max_attempts": 4}, 110, path="single"),
-    layer("ssa_2", "ssa", 2, M, 3, {"step": M // 2, "max_attempts": 4}, 130),
+    layer("ssa_2", "ssa", 2, M, 3, {"step": M // 4, "max_attempts": 5}, 130),
     dict(train, name="train_2", devices=2, cap=75),
     # Dense: the ring (blockwise XLA attention) on one and on two GPUs.
-    layer("dense_1", "dense", 1, M // 16, 2, {"step": M // 4, "compile_only": True}, 50),
-    layer("dense_2", "dense", 2, M // 16, 2, {"step": M // 4, "compile_only": True}, 50),
+    # Dense fits are judged by compiled footprints (a fwd+bwd at millions of tokens runs
+    # for minutes): two probes give bytes per token, then compiles step from the estimate.
+    layer(
+      "dense_1",
+      "dense",
+      1,
+      None,
+      0,
+      {"step": M // 4, "compile_only": True, "probes": [M // 4, M], "max_attempts": 3},
+      60,
+    ),
+    layer(
+      "dense_2",
+      "dense",
+      2,
+      None,
+      0,
+      {"step": M // 4, "compile_only": True, "probes": [M // 4, M], "max_attempts": 3},
+      60,
+    ),
     dict(train, name="train_1", devices=1, cap=60),
   ]
 
@@ -202,6 +220,12 @@ def report(result: dict) -> str:
       out.append(
         f"- {r['kind']} on {r['devices']} GPU(s): {r['longest_fit']} tokens fit, "
         f"{r['first_fail']} did not ({how}; step {r['step']:,})."
+      )
+    elif r.get("job") == "fit_estimate":
+      out.append(
+        f"- {r['kind']} on {r['devices']} GPU(s), linear in two compiled footprints: "
+        f"{r['bytes_per_token'] / 1024:.1f} KiB per token + {r['base_bytes'] / 2**30:.1f} GiB, "
+        f"longest about {r['longest_estimate']:,} tokens."
       )
   out += ["", "## Collectives of the two-GPU programs (largest array each moves)", ""]
   for r in rows:

@@ -238,7 +238,20 @@ def run_layer_job(job: dict):
   if not fit or not limit:
     return
   step, execute = fit["step"], not fit.get("compile_only", False)
-  if fit.get("compile_only") and job.get("time_at"):
+  if fit.get("probes"):  # no timed run: two compiled footprints alone
+    (t1, m1), (t2, m2) = [
+      (t, layer_attempt(spec, t, iters=0, execute=False, limit=None)) for t in fit["probes"]
+    ]
+    for row in (m1, m2):
+      emit(dict(row, phase="probe"))
+    m1, m2 = (r.get("compiled_bytes_per_device", {}).get("total") for r in (m1, m2))
+    if m1 and m2:
+      per_token = (m2 - m1) / (t2 - t1)
+      base = m1 - per_token * t1
+      emit({"job": "fit_estimate", "kind": spec.kind, "devices": spec.devices,
+            "bytes_per_token": per_token, "base_bytes": base,
+            "longest_estimate": int((limit - base) / per_token)})  # fmt: skip
+  elif fit.get("compile_only") and job.get("time_at"):
     # Two compiled footprints give the fixed part and the part per token.
     t2 = fit.get("probe", 8 * job["time_at"])
     probe = layer_attempt(spec, t2, iters=0, execute=False, limit=None)
