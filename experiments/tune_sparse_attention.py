@@ -8,8 +8,12 @@ block list (`subq_jax.benchmark.synthetic_selection`). Prints one line per
       --fwd=64/4/2,128/8/2 --dq=64/4/2 --dkv=64/4/2/u0,64/4/2,64/4/2/c1024/h
 
 Tiling specs: `block_m/num_warps/num_stages[/c<dkv_chunk>][/u<dkv_unroll>][/h][/s0]`
-(`pallas_gpu.BlockSizes.from_spec`). It also prints the lengths of the dk/dv pass's CSR
-rows (tiles listing each block), whose spread decides how much segmenting can gain.
+(`pallas_gpu.BlockSizes.from_spec`); `--fwd_mosaic` specs `w<consumer warpgroups>/s<stages>
+[/nosched]` (`mosaic_gpu.BlockSizes.from_spec`) time the Mosaic GPU forward on the same
+inputs, with its output's relative difference from the first Triton forward, and
+`--matmul` the dense bf16 matmul rate in the same run. It also prints the lengths of the
+dk/dv pass's CSR rows (tiles listing each block), whose spread decides how much
+segmenting can gain.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("seq_len", "1M", "T")
 flags.DEFINE_list("fwd", ["64/4/2", "128/8/2"], "forward tilings: block_m/num_warps/num_stages")
+flags.DEFINE_list("fwd_mosaic", [], "Mosaic GPU forward specs: w<wgs>/s<stages>[/nosched]")
+flags.DEFINE_bool("matmul", False, "measure the dense bf16 matmul rate first")
 flags.DEFINE_list("dq", ["64/4/2", "128/8/2"], "dq tilings")
 flags.DEFINE_list(
   "dkv", ["64/4/2/u0", "64/4/2", "64/4/2/c1024/h"], "dk/dv tilings (see the docstring)"
@@ -39,9 +45,15 @@ def main(argv):
   import numpy as np
 
   from pallas_kernels.sparse_attention import index
+  from pallas_kernels.sparse_attention import mosaic_gpu as am
   from pallas_kernels.sparse_attention import pallas_gpu as ap
   from subq_jax import benchmark, flops, ssa
 
+  results = []
+  if FLAGS.matmul:
+    rate = benchmark.matmul_rate()
+    print(f"dense bf16 matmul: {rate:.0f} TFLOP/s", flush=True)
+    results.append(dict(kernel="matmul", tflops=rate))
   t = flops.parse_tokens(FLAGS.seq_len)
   config = flops.benchmark_config("ssa")
   bs, qt, scale = config.block_size, config.tile, benchmark.HEADS.head_dim**-0.5
@@ -63,7 +75,6 @@ def main(argv):
   )(out, do, lse)
   del out, lse
   cost = flops.cost(t, benchmark.HEADS, config)
-  results = []
   _, meta = jax.jit(
     lambda ids: index.transpose_block_lists(ids, num_blocks=t // bs, block_size=bs, query_tile=qt)
   )(ids)
@@ -82,13 +93,23 @@ def main(argv):
   results.append(stats)
   del meta
 
-  def report(kernel, spec, fn, args, n_flops):
+  first_out = []
+
+  def report(kernel, spec, fn, args, n_flops, compare=False):
     try:
       r = benchmark.time_fn(fn, args, repeats=FLAGS.repeats, warmup=1, long_s=5.0)
       r["tflops"] = n_flops / r["time_s"] / 1e12 if n_flops else None
       line = f"{kernel:<6} {spec:<10} {r['time_s'] * 1e3:9.2f} ms  " + (
         f"{r['tflops']:6.1f} TFLOP/s" if n_flops else ""
       )
+      if compare:  # forward outputs: relative difference from the first Triton forward
+        out = jax.jit(fn)(*args)[0]
+        if first_out:
+          r["out_rel_diff"] = benchmark._rel_err(out, first_out[0])
+          line += f"  out rel. diff {r['out_rel_diff']:.1e}"
+        else:
+          first_out.append(out)
+        del out
     except Exception as e:  # noqa: BLE001
       r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
       line = f"{kernel:<6} {spec:<10} {r['error'][:100]}"
@@ -100,7 +121,12 @@ def main(argv):
   for spec in FLAGS.fwd:
     s = ap.BlockSizes.from_spec(spec)
     fn = lambda q, k, v, ids, s=s: ap._forward(q, k, v, ids, bs, qt, scale, s, False)
-    report("fwd", spec, fn, (q, k, v, ids), 2 * unit)
+    report("fwd", spec, fn, (q, k, v, ids), 2 * unit, compare=True)
+  for spec in FLAGS.fwd_mosaic:
+    s = am.BlockSizes.from_spec(spec)
+    fn = lambda q, k, v, ids, s=s: am.forward(q, k, v, ids, bs, qt, scale, s)
+    report("mosaic", spec, fn, (q, k, v, ids), 2 * unit, compare=True)
+  first_out.clear()
   common = (q5, k, v, ids, do5, lse4, delta)
   for spec in FLAGS.dq:
     s = ap.BlockSizes.from_spec(spec)

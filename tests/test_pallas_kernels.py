@@ -17,6 +17,7 @@ import pytest
 from pallas_kernels.selector import pallas_gpu as selector_pallas
 from pallas_kernels.selector import reference as selector_reference
 from pallas_kernels.sparse_attention import index
+from pallas_kernels.sparse_attention import mosaic_gpu as attention_mosaic
 from pallas_kernels.sparse_attention import pallas_gpu as attention_pallas
 from pallas_kernels.sparse_attention import reference as attention_reference
 from subq_jax import ssa
@@ -180,6 +181,61 @@ class PallasKernelsTest:
     for name, x, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
       assert x.dtype == dtype
       assert _rel_err(x, ref) < 2 * rtol, name
+
+  @pytest.mark.parametrize(
+    "t, hq, hkv, d, bs, spec, structured",
+    [
+      (100, 2, 2, 64, 64, "w2/s2", False),  # GQA 1: one consumer per program; padded T
+      (256, 8, 2, 128, 64, "w2/s2", True),  # GQA 4: two programs of two heads per tile
+      (200, 8, 1, 64, 128, "w4/s3/nosched", False),  # GQA 8, blocks of 128; padded T
+      (256, 8, 1, 128, 64, "w2/s3", False),  # GQA 8, four programs per tile
+    ],
+  )
+  def test_mosaic_forward(self, t, hq, hkv, d, bs, spec, structured):
+    """The Mosaic GPU forward (queries tiles of 64, bf16) against the f32 reference; the
+    `fwd_kernel="mosaic"` switch of `sparse_attention_pallas` (Triton backward) too."""
+    rng = np.random.default_rng([t, hq, hkv, d, bs])
+    b, qt = (2 if hkv == 1 else 1), 64
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv))
+    qp, kp, vp = (_pad_seq(x, bs, 30.0) for x in (q, k, v))
+    tp = qp.shape[1]
+    ids = _random_block_ids(rng, b, hkv, tp // qt, 4, bs, qt, tp // bs, structured)
+    compact = index.compact_block_lists(ids, block_size=bs, query_tile=qt)
+    kw = dict(block_size=bs, query_tile=qt, scale=d**-0.5)
+    sizes = attention_mosaic.BlockSizes.from_spec(spec)
+    fwd = _compile(
+      lambda q, k, v: attention_mosaic.forward(
+        q, k, v, compact, bs, qt, d**-0.5, sizes, interpret=self.INTERPRET
+      ),
+      qp, kp, vp,
+    )  # fmt: skip
+    # Poison: a run on NaN inputs leaves NaN where the real run's outputs will be.
+    jax.block_until_ready(fwd(*(jnp.full_like(x, jnp.nan) for x in (qp, kp, vp))))
+    out, lse = fwd(qp, kp, vp)
+    out, lse = out[:, :t], lse[..., :t]
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_out, ref_lse = attention_reference.sparse_attention(f32(qp), f32(kp), f32(vp), ids, **kw)
+    ref_out, ref_lse = ref_out[:, :t], ref_lse[..., :t]
+    assert out.dtype == jnp.bfloat16 and lse.shape == (b, hq, t)
+    assert bool(jnp.all(jnp.isfinite(out))), "out has non-finite (unwritten?) elements"
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert bool(jnp.all(jnp.isfinite(lse) | jnp.isneginf(ref_lse)))
+    assert _rel_err(out, ref_out) < RTOL[jnp.bfloat16]
+    np.testing.assert_allclose(lse, ref_lse, atol=RTOL[jnp.bfloat16] * 10)
+    if spec != "w2/s2":
+      return
+    # Through the public entry point, with gradients from the Triton backward.
+    sizes = attention_pallas.BlockSizes(fwd_kernel="mosaic")
+    attend = lambda q, k, v, sizes: attention_pallas.sparse_attention_pallas(
+      q, k, v, ids, block_sizes=sizes, interpret=self.INTERPRET, **kw
+    )
+    loss = lambda q, k, v, sizes: jnp.sum(f32(attend(q, k, v, sizes)[0]) ** 2)
+    grads = _compile(jax.grad(lambda *a: loss(*a, sizes), argnums=(0, 1, 2)), qp, kp, vp)(
+      qp, kp, vp
+    )
+    want = jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2))(qp, kp, vp)
+    for name, x, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+      assert _rel_err(x, ref) < 2 * RTOL[jnp.bfloat16], name
 
   def test_transposed_index(self):
     rng = np.random.default_rng(7)

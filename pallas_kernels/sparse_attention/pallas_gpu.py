@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.sparse_attention import index
+from pallas_kernels.sparse_attention import index, mosaic_gpu
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -67,6 +67,8 @@ class BlockSizes:
       are scaled first (a multiply per logit, then a subtract). Measured the same on an
       H100 at 1M (431 ms folded, 429 ms not, spread 10%): the forward is not bound by
       its per-logit arithmetic. Kept for comparison.
+    fwd_kernel: "triton" (this file) or "mosaic" (`mosaic_gpu.forward`, its default
+      tiling; shapes it cannot run fall back to Triton). The backward is Triton's.
   """
 
   block_m: int = 64
@@ -82,6 +84,7 @@ class BlockSizes:
   dkv_chunk: int = 0
   split_heads_over_4gib: bool = False
   fwd_fold_scale: bool = True
+  fwd_kernel: str = "triton"
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -380,6 +383,10 @@ def _forward(
 ):
   """(out, lse); `init` = an earlier (out, lse) of q over other keys, which the result
   merges with, in place (the kernel's outputs alias them); `causal` as in `_fwd_kernel`."""
+  if block_sizes.fwd_kernel == "mosaic" and not mosaic_gpu.unsupported(
+    q, k, block_size, query_tile
+  ):
+    return mosaic_gpu.forward(q, k, v, ids, block_size, query_tile, scale, interpret=interpret)
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
