@@ -95,6 +95,12 @@ def main(argv):
 
   first_out = []
 
+  def save():  # after every line too: a step that hangs or times out keeps the others
+    if FLAGS.out:
+      os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+      with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=1)
+
   def report(kernel, spec, fn, args, n_flops, compare=False):
     try:
       r = benchmark.time_fn(fn, args, repeats=FLAGS.repeats, warmup=1, long_s=5.0)
@@ -102,6 +108,7 @@ def main(argv):
       line = f"{kernel:<6} {spec:<10} {r['time_s'] * 1e3:9.2f} ms  " + (
         f"{r['tflops']:6.1f} TFLOP/s" if n_flops else ""
       )
+      line += f"  spread {r['spread']:.0%}" if r.get("spread") is not None else ""
       if compare:  # forward outputs: relative difference from the first Triton forward
         out = jax.jit(fn)(*args)[0]
         if first_out:
@@ -115,6 +122,7 @@ def main(argv):
       line = f"{kernel:<6} {spec:<10} {r['error'][:100]}"
     print(line, flush=True)
     results.append(dict(kernel=kernel, tiling=spec, seq_len=t, **r))
+    save()
 
   # Forward 2 matmuls, dq 3, dk/dv 4 per (query, key) pair (2 FLOPs each, per d).
   unit = cost.attention_flops // 2
@@ -147,10 +155,7 @@ def main(argv):
   compact = lambda x: index.compact_block_lists(x, block_size=bs, query_tile=qt)
   report("index", "sort", compact, (lists,), 0)
   report("index", "pack", lambda *r: index.pack_runs(list(r)), tuple(runs), 0)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(results, f, indent=1)
+  save()
 
 
 if __name__ == "__main__":

@@ -79,9 +79,17 @@ def unsupported(q, k, block_size: int, query_tile: int) -> str:
 
 
 def _registers(compute_wgs: int) -> tuple[int, int]:
-  """setmaxnreg counts (consumer, producer) that fit the register file."""
+  """setmaxnreg counts (consumer, producer) that fit the registers the program holds.
+
+  A program holds what it was launched with (registers per thread, a multiple of 8,
+  times its threads), and a warpgroup's increase waits until others have released
+  enough: asking for more than the launch allocation hangs. (120 per consumer with
+  four consumers did, on an H100: 640 threads launch with at most 96 each.)
+  """
+  threads = 128 * (compute_wgs + 1)
+  pool = min(REGISTERS // threads // 8 * 8, 248) * threads
   producer = 40 if compute_wgs <= 2 else 24
-  consumer = (REGISTERS - 128 * producer) // (128 * compute_wgs) // 8 * 8
+  consumer = (pool - 128 * producer) // (128 * compute_wgs) // 8 * 8
   return min(consumer, 232), producer
 
 

@@ -92,15 +92,17 @@ class BlockSizes:
     tokens, 8,192 keys per query (experiments/tune_sparse_attention.py; results in
     experiments/results/tune_sparse_attention_h100_1M*.json): dk/dv with the flat loop
     903 ms against 1575 ms a whole tile per step; segments and the per-head split
-    measured no faster at 1M (908 and 904 ms), so both stay off."""
-    return cls()
+    measured no faster at 1M (908 and 904 ms), so both stay off. On Hopper the forward
+    is Mosaic GPU's: 37.9 ms against Triton's 50.1 ms at 128K, same run and inputs
+    (experiments/results/tune_mosaic_fwd_h100_128K.txt)."""
+    return cls(fwd_kernel="mosaic" if _on_hopper() else "triton")
 
   @classmethod
   def from_spec(cls, spec: str) -> BlockSizes:
     """One tiling for all three kernels from
-    `block_m/num_warps/num_stages[/c<chunk>][/u<unroll>][/h][/s0]` (c: `dkv_chunk`; u:
-    `dkv_unroll`, default 1; h: `split_heads_over_4gib`; s0: `fwd_fold_scale=False`),
-    as the tuning scripts take it."""
+    `block_m/num_warps/num_stages[/c<chunk>][/u<unroll>][/h][/s0][/mosaic]` (c:
+    `dkv_chunk`; u: `dkv_unroll`, default 1; h: `split_heads_over_4gib`; s0:
+    `fwd_fold_scale=False`; mosaic: `fwd_kernel="mosaic"`), as the tuning scripts take it."""
     m, w, s, *extra = spec.split("/")
     m, w, s = int(m), int(w), int(s)
     opt = lambda p, default: next((int(x[1:]) for x in extra if x.startswith(p)), default)
@@ -110,7 +112,14 @@ class BlockSizes:
       dkv_chunk=opt("c", 0),
       split_heads_over_4gib="h" in extra,
       fwd_fold_scale="s0" not in extra,
+      fwd_kernel="mosaic" if "mosaic" in extra else "triton",
     )  # fmt: skip
+
+
+def _on_hopper() -> bool:
+  """The default device is a Hopper GPU (compute capability 9.0: wgmma, TMA)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
 # Pallas Triton switches to 64-bit pointer arithmetic for an operand over 4 GiB; in a
