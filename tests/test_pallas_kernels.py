@@ -400,3 +400,25 @@ class TestPallasKernelsCompiled(PallasKernelsTest):
 
 class TestPallasKernelsInterpret(PallasKernelsTest):
   INTERPRET = True
+
+
+@pytest.mark.parametrize("wgs", [1, 2, 3, 4])
+def test_mosaic_register_split(wgs):
+  """setmaxnreg counts fit what the program launches with (a program's threads times
+  at most 65,536 / threads registers each, a multiple of 8): an increase beyond it
+  waits for ever, as four consumers at 120 registers did on an H100."""
+  consumer, producer = attention_mosaic._registers(wgs)
+  threads = 128 * (wgs + 1)
+  assert consumer % 8 == 0 and producer % 8 == 0 and 24 <= producer <= consumer <= 256
+  assert 128 * (wgs * consumer + producer) <= (65536 // threads // 8 * 8) * threads
+
+
+def test_default_forward_kernel():
+  """The Mosaic GPU forward is the default only on Hopper; specs pick either."""
+  want = "mosaic" if attention_pallas._on_hopper() else "triton"
+  assert attention_pallas.BlockSizes.get_default().fwd_kernel == want
+  assert attention_pallas.BlockSizes.from_spec("64/4/2/mosaic").fwd_kernel == "mosaic"
+  assert attention_pallas.BlockSizes.from_spec("64/4/2").fwd_kernel == "triton"
+  assert attention_mosaic.BlockSizes.from_spec("w4/s3/nosched") == attention_mosaic.BlockSizes(
+    4, 3, False
+  )

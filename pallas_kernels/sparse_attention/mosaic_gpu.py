@@ -225,22 +225,21 @@ def _forward_kernel(
   def _producer():
     plgpu.set_max_registers(_registers(wgs)[1], action="decrease")
 
-    def load(i, slot):
+    def load(i, slot, wait):
       rows = pl.ds(ids_ref[bi, hi, tile, i] * block_size, block_size)
+      if wait:  # the slot's previous block: every consumer is done with it
+        plgpu.barrier_wait(k_released.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
+      if wait:
+        plgpu.barrier_wait(v_released.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_loaded.at[slot])
 
     for i in range(stages):
-      pl.when(i < num_valid)(functools.partial(load, i, i))
+      pl.when(i < num_valid)(functools.partial(load, i, i, False))
 
     @pl.loop(stages, jnp.maximum(num_valid, stages))
     def _(i):
-      slot = lax.rem(i, stages)
-      rows = pl.ds(ids_ref[bi, hi, tile, i] * block_size, block_size)
-      plgpu.barrier_wait(k_released.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
-      plgpu.barrier_wait(v_released.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_loaded.at[slot])
+      load(i, lax.rem(i, stages), True)
 
 
 def forward(
