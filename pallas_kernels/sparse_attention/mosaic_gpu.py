@@ -14,7 +14,7 @@ batch), with `compute_wgs` consumer warpgroups and one producer warpgroup:
   online softmax in registers, acc += P V with P from registers; with two consumers a
   schedule barrier alternates them, so that one's softmax overlaps the other's matmuls.
 The heads of a KV head that share a program share its K/V copies; the programs of one
-tile are adjacent in the grid, so the other groups' copies mostly hit L2.
+tile run close together, so the other groups' copies mostly hit L2.
 
 Limits (`unsupported` says which applies): 16-bit inputs, query_tile == 64 (one wgmma
 row block per head), block_size and head_dim multiples of 64.
@@ -37,6 +37,7 @@ LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 ROWS = 64  # queries per consumer warpgroup: one wgmma row block of one head
 REGISTERS = 65536  # per multiprocessor
+MAX_GRID_Z = 65535  # programs along CUDA's z, where Mosaic puts the first grid axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +299,16 @@ def forward(
     interpret=bool(interpret),
   )
 
+  # Mosaic launches the last grid axis as CUDA's x (fastest, up to 2^31 - 1 programs),
+  # the first as z (at most 65,535). Up to 65,535 tile groups (1M tokens with G = 4):
+  # tile groups outermost, so the programs running together are the KV heads and head
+  # groups of a few neighbouring tiles (the order measured at 128K); beyond, tile groups
+  # innermost (not measured).
+  n = num_tiles * groups
+  grid, names = (n, hkv, b), ("tile_group", "kv_head", "batch")
+  if n > MAX_GRID_Z:
+    grid, names = grid[::-1], names[::-1]
+
   def body(*refs):
     pl.run_scoped(
       lambda *scratch: kernel(*refs, *scratch),
@@ -314,10 +325,8 @@ def forward(
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((b, hq, t), jnp.float32),
     ),
-    # The largest axis first (the grid's x dimension has no 65,535 limit); a tile's
-    # head groups adjacent, so that their K/V copies share L2.
-    grid=(num_tiles * groups, hkv, b),
-    grid_names=("tile_group", "kv_head", "batch"),
+    grid=grid,
+    grid_names=names,
     num_threads=wgs + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),
