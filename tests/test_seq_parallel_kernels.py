@@ -183,3 +183,29 @@ def test_dq_init_and_overwritten_kv(dtype):
   )  # fmt: skip
   for name, x, ref in zip(("dq", "dk", "dv"), got, vjp(f32(do)), strict=True):
     assert _rel_err(x, ref) < 2 * RTOL[dtype], name
+
+
+@pytest.mark.parametrize("option", ["non_causal", "init"])
+def test_ring_options_take_triton_when_mosaic_is_default(option):
+  """The Mosaic forward has neither option: with `fwd_kernel="mosaic"` (the Hopper
+  default) on shapes it supports, such calls must still run the Triton kernel."""
+  from pallas_kernels.sparse_attention import mosaic_gpu
+
+  rng = np.random.default_rng(5)
+  t, d, bs = 128, 64, 64
+  q = jnp.asarray(rng.standard_normal((1, t, 2, d)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.standard_normal((1, t, 1, d)), jnp.bfloat16) for _ in range(2))
+  assert not mosaic_gpu.unsupported(q, k, bs, mosaic_gpu.ROWS)
+  ids = jnp.asarray([[[[0, -1], [0, 1]]]], jnp.int32)  # tile i: blocks 0..i, own last
+  kw = dict(block_size=bs, query_tile=mosaic_gpu.ROWS, scale=d**-0.5, interpret=True)
+  if option == "non_causal":
+    kw["causal"] = False
+  else:
+    out0 = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+    lse0 = jnp.asarray(rng.standard_normal((1, 2, t)), jnp.float32)
+    kw["init"] = (out0, lse0)
+  run = lambda kernel: attention_pallas._forward(
+    q, k, v, ids, block_sizes=attention_pallas.BlockSizes(fwd_kernel=kernel), **kw
+  )
+  for want, got in zip(run("triton"), run("mosaic"), strict=True):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

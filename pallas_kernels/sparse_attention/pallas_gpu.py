@@ -392,8 +392,13 @@ def _forward(
 ):
   """(out, lse); `init` = an earlier (out, lse) of q over other keys, which the result
   merges with, in place (the kernel's outputs alias them); `causal` as in `_fwd_kernel`."""
-  if block_sizes.fwd_kernel == "mosaic" and not mosaic_gpu.unsupported(
-    q, k, block_size, query_tile
+  # The Mosaic forward has no `causal=False` or `init` (the sequence-parallel ring's
+  # options): those calls take the Triton kernel below.
+  if (
+    block_sizes.fwd_kernel == "mosaic"
+    and causal
+    and init is None
+    and not mosaic_gpu.unsupported(q, k, block_size, query_tile)
   ):
     return mosaic_gpu.forward(q, k, v, ids, block_size, query_tile, scale, interpret=interpret)
   b, t, hq, d = q.shape
