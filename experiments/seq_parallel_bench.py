@@ -47,26 +47,20 @@ def gpu_plan() -> list[dict]:
     layer("ssa_1", "ssa", 1, M, 3, {"step": M // 4, "max_attempts": 4}, 110, path="single"),
     layer("ssa_2", "ssa", 2, M, 3, {"step": M // 4, "max_attempts": 5}, 130),
     dict(train, name="train_2", devices=2, cap=75),
-    # Dense: the ring (blockwise XLA attention) on one and on two GPUs.
-    # Dense fits are judged by compiled footprints (a fwd+bwd at millions of tokens runs
+    # Dense: the ring (flash-style tiled XLA attention) on one and on two GPUs, timed at
+    # 128K. Fits are judged by compiled footprints (a fwd+bwd at millions of tokens runs
     # for minutes): two probes give bytes per token, then compiles step from the estimate.
-    layer(
-      "dense_1",
-      "dense",
-      1,
-      None,
-      0,
-      {"step": M // 4, "compile_only": True, "probes": [M // 4, M], "max_attempts": 3},
-      60,
-    ),
-    layer(
-      "dense_2",
-      "dense",
-      2,
-      None,
-      0,
-      {"step": M // 4, "compile_only": True, "probes": [M // 4, M], "max_attempts": 3},
-      60,
+    *(
+      layer(
+        name,
+        "dense",
+        devices,
+        M // 8,
+        2,
+        {"step": M // 4, "compile_only": True, "probes": [M // 4, M], "max_attempts": 3},
+        150,
+      )
+      for name, devices in (("dense_1", 1), ("dense_2", 2))
     ),
     dict(train, name="train_1", devices=1, cap=60),
   ]

@@ -32,9 +32,12 @@ Block kinds (`ssa`, `block_topk`, `sliding`), per shard under `shard_map`:
 Per device: K/V O(T/P) (own chunk + the one in flight), summaries O(T/B); nothing ever
 gathers the sequence's K/V.
 
-Dense baseline (`dense`): ring attention with the same ring and merge; each step is a
-blockwise (query-chunked, rematerialised) attention of the local queries to the held
-chunk, masked by global positions, so any layout is exact.
+Dense baseline (`dense`, `dense_ring`): ring attention passing K/V the same way,
+flash style in plain XLA: each step attends tile by tile (`DENSE_TILES` queries x keys,
+wholly masked tiles skipped) to the held chunk, masked by global positions (so any
+layout is exact), going on from the (out, lse) so far; the backward recomputes each
+tile from the merged lse, adds into dq in place, and sends the held chunk's dK/dV on
+with it in the inputs' dtype.
 
 Partial attention reuses `sparse_attention` (reference or Pallas), whose causal mask
 compares a tile's position in q with a block's position in k. For the own chunk local
@@ -62,10 +65,10 @@ from subq_jax import ssa as ssa_lib
 from subq_jax.config import BLOCK_KINDS, SSAConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# f32 logits per query chunk of the dense ring step: small on CPU (tests), large on
-# accelerators, where each chunk is a sequential step of a loop.
-CHUNK_ELEMENTS = {"cpu": 1 << 25}
-DEFAULT_CHUNK_ELEMENTS = 1 << 28
+# (queries, keys) per tile of the dense ring's steps, by backend; a tile's f32 logits are
+# batch x q_heads x queries x keys (on GPU with 32 heads: 256 MiB), one tile at a time.
+DENSE_TILES = {"cpu": (256, 256)}
+DEFAULT_DENSE_TILES = (1024, 2048)
 
 
 # --------------------------------------------------------------------- public entry
@@ -513,7 +516,8 @@ def ring(compute, axis_name: str, p: int, q, kv, aux) -> jax.Array:
   per-device memory stays O(T/P): plain autodiff would keep every held chunk.
   `aux` (int arrays) gets no cotangent. Partials merge in float32; the output (and the
   residual kept for the backward pass) is in q's dtype, as a single-device kernel's.
-  (`pallas_ring` is the Pallas path's own ring, which merges inside the kernels.)
+  (`pallas_ring` and `dense_ring` are the Pallas and dense paths' own rings, which merge
+  in place.) Used by the block kinds with the reference kernels.
   """
   return _ring_fwd(compute, axis_name, p, q, kv, aux)[0]
 
@@ -598,68 +602,293 @@ def dense_ring_shard(q, k, v, *, axis_name, num_shards, layout, scale, block_siz
   q [b, T/P, q_heads, d], k and v [b, T/P, kv_heads, d] in layout order; the layout's
   blocks (`block_size`) give every token's global position for the causal mask.
   """
-  p = num_shards
-  n_local = q.shape[1] // block_size
-  table = sharding.block_owner_table(n_local * p, p, layout)  # numpy: no tracer escapes
-
-  def positions(shard):
-    return (jnp.asarray(table)[shard][:, None] * block_size + jnp.arange(block_size)).reshape(-1)
-
-  q_pos = positions(jax.lax.axis_index(axis_name))
-
-  def compute(step, q, kv, own, aux):
-    del own  # global positions make every step's mask exact
-    me = jax.lax.axis_index(axis_name)
-    return dense_partial(q, kv[0], kv[1], aux, positions((me - step) % p), scale)
-
-  return ring(compute, axis_name, p, q, (k, v), q_pos)
+  tiles = dense_tiles(q.shape[1], k.shape[1])
+  return dense_ring(DenseRing(axis_name, num_shards, layout, block_size, scale, tiles), q, k, v)
 
 
-def dense_partial(q, k, v, q_pos, k_pos, scale, queries_per_chunk: int | None = None):
-  """Attention of q to k, v where k_pos <= q_pos: (out in q's dtype, f32 lse [b, h, t]).
+def dense_tiles(t: int, tk: int) -> tuple[int, int]:
+  """(queries, keys) of one tile of the dense ring's steps: `DENSE_TILES` or less,
+  dividing the local sequence."""
 
-  A chunk of queries at a time under `jax.checkpoint`: memory O(chunk x keys), and the
-  backward pass recomputes a chunk's logits. Matmuls take the inputs' dtype with f32
-  accumulation (f32 inputs at full precision).
+  def divisor(n, at_most):
+    c = max(1, min(n, at_most))
+    while n % c:
+      c -= 1
+    return c
+
+  cq, ck = DENSE_TILES.get(jax.default_backend(), DEFAULT_DENSE_TILES)
+  return divisor(t, cq), divisor(tk, ck)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRing:
+  """The static half of `dense_ring`."""
+
+  axis_name: str
+  num_shards: int
+  layout: str
+  block_size: int
+  scale: float
+  tiles: tuple[int, int]  # (queries, keys) per tile: `dense_tiles`
+
+  def positions(self, step, t):
+    """Global positions [t] of the chunk held at `step`: that of shard (me - step) mod P."""
+    table = sharding.block_owner_table(
+      t // self.block_size * self.num_shards, self.num_shards, self.layout
+    )
+    shard = (jax.lax.axis_index(self.axis_name) - step) % self.num_shards
+    bs = self.block_size
+    return (jnp.asarray(table)[shard][:, None] * bs + jnp.arange(bs)).reshape(-1)
+
+  def send(self, x):
+    return jax.lax.ppermute(x, self.axis_name, _ring(self.num_shards))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def dense_ring(plan: DenseRing, q, k, v):
+  """Causal dense ring attention, flash style: out [b, T/P, q_heads, d] in q's dtype.
+
+  Step s attends to the chunk of shard (me - s) mod P tile by tile (`plan.tiles`), the
+  online softmax going on from the (out, lse) so far (`dense_step_forward`): no partial
+  outputs, no merge buffers; a tile no query of which sees a key of is skipped. Global
+  positions make every step's mask exact, so any layout works.
+
+  Backward (ring-flash style, no forward kept per step): delta = rowsum(d_out * out)
+  once, then out is dead; each step recomputes its tiles from the merged lse: dq adds
+  into itself in place (`dense_step_dq`), and the dK/dV of a chunk (in the inputs'
+  dtype, f32 inside a tile's loop only) travel with it: the owner starts them at its own
+  step, each holder adds its step's, and the last send brings them home complete (no
+  separate own dK/dV, no final add).
   """
-  b, t, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  if queries_per_chunk is None:
-    elements = CHUNK_ELEMENTS.get(jax.default_backend(), DEFAULT_CHUNK_ELEMENTS)
-    queries_per_chunk = max(1, min(t, elements // max(1, b * hq * tk)))
-  while t % queries_per_chunk:
-    queries_per_chunk -= 1
-  precision = HIGHEST if q.dtype == jnp.float32 else None
-  qc = q.reshape(b, t // queries_per_chunk, queries_per_chunk, hkv, g, d).transpose(
-    1, 0, 2, 3, 4, 5
+  return _dense_ring_fwd(plan, q, k, v)[0]
+
+
+def _dense_ring_fwd(plan, q, k, v):
+  p, (b, t, hq, _) = plan.num_shards, q.shape
+  hkv = k.shape[2]
+  tile = functools.partial(
+    dense_step_forward, q=q, q_pos=plan.positions(0, t), scale=plan.scale, tiles=plan.tiles
   )
-  pc = q_pos.reshape(-1, queries_per_chunk)
+  held = plan.send((k, v)) if p > 1 else None  # issued first: it overlaps the own step
+  lse = jnp.full((b, hkv, hq // hkv, t), -jnp.inf, jnp.float32)
+  out, lse = tile(k=k, v=v, k_pos=plan.positions(0, t), out=jnp.zeros_like(q), lse=lse)
 
-  def chunk(args):
-    q_c, pos_c = args  # [b, c, hkv, g, d], [c]
-    s = jnp.einsum(
-      "bckgd,bskd->bkgcs", q_c, k, precision=precision, preferred_element_type=jnp.float32
-    )
-    s = jnp.where(
-      k_pos[None, None, None, None, :] <= pos_c[None, None, None, :, None], s * scale, -jnp.inf
-    )
-    m = jnp.max(s, axis=-1)
-    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
-    e = jnp.exp(s - m_safe[..., None])
-    total = e.sum(-1)
-    safe = jnp.where(total > 0, total, 1.0)
-    o = jnp.einsum(
-      "bkgcs,bskd->bckgd",
-      e.astype(v.dtype),
-      v,
-      precision=precision,
-      preferred_element_type=jnp.float32,
-    )
-    o = o / safe.transpose(0, 3, 1, 2)[..., None]
-    return o.astype(q.dtype), jnp.where(total > 0, m_safe + jnp.log(safe), -jnp.inf)
+  def step(carry, index):
+    out, lse, held = carry
+    held_next = plan.send(held)
+    out, lse = tile(k=held[0], v=held[1], k_pos=plan.positions(index, t), out=out, lse=lse)
+    return (out, lse, held_next), None
 
-  o_s, lse_s = jax.lax.map(jax.checkpoint(chunk), (qc, pc))
-  out = o_s.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, hq, d)
-  lse = lse_s.transpose(1, 2, 3, 0, 4).reshape(b, hq, t)
-  return out, lse
+  if p > 2:
+    (out, lse, held), _ = jax.lax.scan(step, (out, lse, held), jnp.arange(1, p - 1))
+  if p > 1:
+    out, lse = tile(k=held[0], v=held[1], k_pos=plan.positions(p - 1, t), out=out, lse=lse)
+  return out, (q, k, v, out, lse)
+
+
+def _dense_ring_bwd(plan, res, d_out):
+  q, k, v, out, lse = res
+  p, (b, t, hq, _) = plan.num_shards, q.shape
+  hkv = k.shape[2]
+  d_out = d_out.astype(q.dtype)
+  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), -1)  # [b, t, hq]
+  delta = delta.reshape(b, t, hkv, hq // hkv).transpose(0, 2, 3, 1)
+  # K/V set off only once delta exists: `out` is dead before the held chunk arrives.
+  delta, k, v = jax.lax.optimization_barrier((delta, k, v))
+  common = dict(
+    q=q,
+    d_out=d_out,
+    lse=lse,
+    delta=delta,
+    q_pos=plan.positions(0, t),
+    scale=plan.scale,
+    tiles=plan.tiles,
+  )
+  held = plan.send((k, v)) if p > 1 else None  # issued first: it overlaps the own step
+
+  def step(dq, kv, dkv, index, held_next=None):
+    """Adds step `index`'s gradients into dq and into the dK/dV that travel with the
+    held chunk, then sends those on to the chunk's next holder (home after the last)."""
+    k_pos = plan.positions(index, t)
+    dq = dense_step_dq(k=kv[0], v=kv[1], k_pos=k_pos, dq=dq, **common)
+    dkv = dense_step_dkv(k=kv[0], v=kv[1], k_pos=k_pos, dk=dkv[0], dv=dkv[1], **common)
+    return dq, held_next, plan.send(dkv) if p > 1 else dkv
+
+  carry = step(jnp.zeros_like(q), (k, v), (jnp.zeros_like(k), jnp.zeros_like(v)), 0, held)
+  if p > 2:
+    body = lambda c, i: (step(c[0], c[1], c[2], i, plan.send(c[1])), None)
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(1, p - 1))
+  if p > 1:
+    carry = step(*carry, p - 1)
+  dq, _, (dk, dv) = carry
+  return dq, dk, dv
+
+
+dense_ring.defvjp(_dense_ring_fwd, _dense_ring_bwd)
+
+
+def _split(q, kv_heads):
+  b, t, hq, d = q.shape
+  return q.reshape(b, t, kv_heads, hq // kv_heads, d)
+
+
+def _slice(x, start, size, axis):
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _precision(dtype):
+  return HIGHEST if dtype == jnp.float32 else None
+
+
+def _tile_logits(q_c, k_b, q_pos_c, k_pos_b, scale):
+  """Scaled logits [b, kv, g, queries, keys] (f32) of a tile, -inf where masked."""
+  s = jnp.einsum(
+    "bckgd,bskd->bkgcs",
+    q_c,
+    k_b,
+    precision=_precision(q_c.dtype),
+    preferred_element_type=jnp.float32,
+  )
+  visible = k_pos_b[None, :] <= q_pos_c[:, None]
+  return jnp.where(visible, s * scale, -jnp.inf)
+
+
+def _visible(q_pos_c, k_pos_b):
+  """Whether any query of the tile sees any of its keys."""
+  return jnp.min(k_pos_b) <= jnp.max(q_pos_c)
+
+
+def _dot(spec, a, b):
+  return jnp.einsum(spec, a, b, precision=_precision(b.dtype), preferred_element_type=jnp.float32)
+
+
+def dense_step_forward(q, k, v, q_pos, k_pos, out, lse, *, scale, tiles):
+  """Attention of q to k, v where k_pos <= q_pos, going on from (out, lse).
+
+  q, out [b, t, q_heads, d]; k, v [b, tk, kv_heads, d]; lse f32 [b, kv_heads, g, t]
+  (g = q_heads / kv_heads), -inf (and out 0) where no key was seen yet. Returns the
+  (out, lse) of all keys seen so far, out in its dtype, updated tile row by tile row.
+  """
+  hkv = k.shape[2]
+  q5, out5 = _split(q, hkv), _split(out, hkv)
+  cq, ck = tiles
+
+  def row(i, carry):
+    out5, lse = carry
+    q_c, q_pos_c = _slice(q5, i * cq, cq, 1), _slice(q_pos, i * cq, cq, 0)
+    lse_c = _slice(lse, i * cq, cq, 3)
+    seen = lse_c > -jnp.inf
+    o_c = _slice(out5, i * cq, cq, 1).astype(jnp.float32).transpose(0, 2, 3, 1, 4)
+    state = (jnp.where(seen[..., None], o_c, 0.0), lse_c, seen.astype(jnp.float32))
+
+    def column(j, state):
+      k_b, v_b, k_pos_b = (
+        _slice(k, j * ck, ck, 1),
+        _slice(v, j * ck, ck, 1),
+        _slice(k_pos, j * ck, ck, 0),
+      )
+
+      def visit(state):
+        acc, m, norm = state
+        s = _tile_logits(q_c, k_b, q_pos_c, k_pos_b, scale)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+        e = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        acc = alpha[..., None] * acc + _dot("bkgcs,bskd->bkgcd", e.astype(v.dtype), v_b)
+        return acc, m_new, alpha * norm + e.sum(-1)
+
+      return jax.lax.cond(_visible(q_pos_c, k_pos_b), visit, lambda s: s, state)
+
+    acc, m, norm = jax.lax.fori_loop(0, k.shape[1] // ck, column, state)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    o_c = (acc / safe[..., None]).transpose(0, 3, 1, 2, 4).astype(out.dtype)
+    lse_c = jnp.where(norm > 0, m + jnp.log(safe), -jnp.inf)
+    out5 = jax.lax.dynamic_update_slice_in_dim(out5, o_c, i * cq, 1)
+    return out5, jax.lax.dynamic_update_slice_in_dim(lse, lse_c, i * cq, 3)
+
+  out5, lse = jax.lax.fori_loop(0, q.shape[1] // cq, row, (out5, lse))
+  return out5.reshape(out.shape), lse
+
+
+def _tile_grads(q_c, do_c, k_b, v_b, q_pos_c, k_pos_b, lse_c, delta_c, scale):
+  """Probabilities and logit gradients [b, kv, g, queries, keys] (f32) of a tile."""
+  s = _tile_logits(q_c, k_b, q_pos_c, k_pos_b, scale)
+  probs = jnp.exp(s - jnp.where(lse_c > -jnp.inf, lse_c, jnp.inf)[..., None])
+  dp = _dot("bckgd,bskd->bkgcs", do_c, v_b)
+  return probs, probs * (dp - delta_c[..., None])
+
+
+def dense_step_dq(q, k, v, q_pos, k_pos, d_out, lse, delta, dq, *, scale, tiles):
+  """dq + the gradient of q through attention to (k, v), given the final lse and
+  delta = rowsum(d_out * out) ([b, kv_heads, g, t] f32); dq in its dtype, in place."""
+  hkv = k.shape[2]
+  q5, do5, dq5 = _split(q, hkv), _split(d_out, hkv), _split(dq, hkv)
+  cq, ck = tiles
+
+  def row(i, dq5):
+    q_c, do_c = _slice(q5, i * cq, cq, 1), _slice(do5, i * cq, cq, 1)
+    q_pos_c, lse_c, delta_c = (
+      _slice(q_pos, i * cq, cq, 0),
+      _slice(lse, i * cq, cq, 3),
+      _slice(delta, i * cq, cq, 3),
+    )
+
+    def column(j, acc):
+      k_b, v_b, k_pos_b = (
+        _slice(k, j * ck, ck, 1),
+        _slice(v, j * ck, ck, 1),
+        _slice(k_pos, j * ck, ck, 0),
+      )
+
+      def visit(acc):
+        _, ds = _tile_grads(q_c, do_c, k_b, v_b, q_pos_c, k_pos_b, lse_c, delta_c, scale)
+        return acc + scale * _dot("bkgcs,bskd->bckgd", ds.astype(k.dtype), k_b)
+
+      return jax.lax.cond(_visible(q_pos_c, k_pos_b), visit, lambda a: a, acc)
+
+    acc = _slice(dq5, i * cq, cq, 1).astype(jnp.float32)
+    acc = jax.lax.fori_loop(0, k.shape[1] // ck, column, acc)
+    return jax.lax.dynamic_update_slice_in_dim(dq5, acc.astype(dq.dtype), i * cq, 1)
+
+  return jax.lax.fori_loop(0, q.shape[1] // cq, row, dq5).reshape(dq.shape)
+
+
+def dense_step_dkv(q, k, v, q_pos, k_pos, d_out, lse, delta, dk, dv, *, scale, tiles):
+  """(dk, dv) + the gradients of (k, v) through q's attention to them (see
+  `dense_step_dq`); in their dtype, in place, f32 within a key tile's loop."""
+  hkv = k.shape[2]
+  q5, do5 = _split(q, hkv), _split(d_out, hkv)
+  cq, ck = tiles
+
+  def column(j, grads):
+    dk, dv = grads
+    k_b, v_b, k_pos_b = (
+      _slice(k, j * ck, ck, 1),
+      _slice(v, j * ck, ck, 1),
+      _slice(k_pos, j * ck, ck, 0),
+    )
+
+    def row(i, acc):
+      q_c, do_c = _slice(q5, i * cq, cq, 1), _slice(do5, i * cq, cq, 1)
+      q_pos_c, lse_c, delta_c = (
+        _slice(q_pos, i * cq, cq, 0),
+        _slice(lse, i * cq, cq, 3),
+        _slice(delta, i * cq, cq, 3),
+      )
+
+      def visit(acc):
+        probs, ds = _tile_grads(q_c, do_c, k_b, v_b, q_pos_c, k_pos_b, lse_c, delta_c, scale)
+        d_k = scale * _dot("bkgcs,bckgd->bskd", ds.astype(q.dtype), q_c)
+        return acc[0] + d_k, acc[1] + _dot("bkgcs,bckgd->bskd", probs.astype(q.dtype), do_c)
+
+      return jax.lax.cond(_visible(q_pos_c, k_pos_b), visit, lambda a: a, acc)
+
+    acc = tuple(_slice(x, j * ck, ck, 1).astype(jnp.float32) for x in (dk, dv))
+    acc = jax.lax.fori_loop(0, q.shape[1] // cq, row, acc)
+    return tuple(
+      jax.lax.dynamic_update_slice_in_dim(x, a.astype(x.dtype), j * ck, 1)
+      for x, a in zip(grads, acc, strict=True)
+    )
+
+  return jax.lax.fori_loop(0, k.shape[1] // ck, column, (dk, dv))

@@ -102,6 +102,7 @@ class LayerSpec:
   # "sharded": seq_parallel.sharded_attention over `devices` seq shards; "single": plain
   # ssa_attention on one device (the best single-device path, for the one-GPU baseline).
   path: str = "sharded"
+  dtype: str = "bfloat16"  # of q, k, v
 
   def config(self) -> SSAConfig:
     if self.small:
@@ -130,7 +131,7 @@ def layer_program(spec: LayerSpec, seq_len: int):
   grad = jax.jit(
     jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(named,) * 3, out_shardings=(named,) * 3
   )
-  abstract = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=named) for s in shapes]
+  abstract = [jax.ShapeDtypeStruct(s, spec.dtype, sharding=named) for s in shapes]
   if spec.path == "single":
     if spec.devices != 1:
       raise ValueError(f"path='single' runs on one device, not {spec.devices}")
@@ -142,14 +143,14 @@ def layer_program(spec: LayerSpec, seq_len: int):
       return jnp.sum(out.astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    abstract = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=named) for s in shapes]
+    abstract = [jax.ShapeDtypeStruct(s, spec.dtype, sharding=named) for s in shapes]
   compiled = grad.lower(*abstract).compile()
 
   @jax.jit
   def make(key):
     keys = jax.random.split(key, 3)
     return tuple(
-      jax.lax.with_sharding_constraint(jax.random.normal(kk, s, jnp.bfloat16), named)
+      jax.lax.with_sharding_constraint(jax.random.normal(kk, s, spec.dtype), named)
       for kk, s in zip(keys, shapes, strict=True)
     )
 

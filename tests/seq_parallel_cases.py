@@ -40,7 +40,10 @@ CASES = {
   "sliding_striped_seq2": ("sliding", "mean", "striped", 1, 2, jnp.float32, False),
   "dense_striped_seq8": ("dense", "mean", "striped", 1, 8, jnp.float32, False),
   "dense_zigzag_seq4_data2": ("dense", "mean", "zigzag", 2, 4, jnp.float32, False),
+  "dense_contiguous_seq2_bf16": ("dense", "mean", "contiguous", 1, 2, jnp.bfloat16, False),
 }
+# Tiles of the dense ring's steps: several per step, some skipped (wholly masked).
+seq_parallel.DENSE_TILES["cpu"] = (16, 32)
 
 
 def inputs(seed, b, t, hq, hkv, d, dtype, d_route=None):

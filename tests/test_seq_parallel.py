@@ -117,35 +117,37 @@ def test_mesh_config_errors():
     seq_parallel.check_seq_len(96, 4, 16, "zigzag")
 
 
-def test_partials_merge_to_full_attention():
-  """Attention over disjoint key sets, merged by lse, equals one softmax over all."""
-  b, t, hq, hkv, d = 1, 32, 4, 2, 8
-  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+def test_dense_steps_match_attention():
+  """The dense ring's step kernels, tile by tile (some tiles wholly masked): the forward
+  going on from an earlier (out, lse) over two key parts equals one causal softmax, and
+  the dq / dK dV passes from the final lse equal autodiff of it."""
+  b, t, hq, hkv, d, scale = 1, 64, 4, 2, 8, 0.3
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q = jax.random.normal(ks[0], (b, t, hq, d))
-  k, v = (jax.random.normal(x, (b, t, hkv, d)) for x in ks[1:])
+  k, v = (jax.random.normal(x, (b, t, hkv, d)) for x in ks[1:3])
+  d_out = jax.random.normal(ks[3], q.shape)
   pos = jnp.arange(t)
-  partial = jax.jit(seq_parallel.dense_partial, static_argnames=("scale", "queries_per_chunk"))
-  full, full_lse = partial(q, k, v, pos, pos, 0.3, queries_per_chunk=8)
-  ref = jax.nn.dot_product_attention(q, k, v, scale=0.3, is_causal=True)
-  chex.assert_trees_all_close(full, ref, atol=1e-5, rtol=1e-5)
-  out = lse = None
-  for part in (slice(0, 16), slice(16, 32)):  # rows before 16 see none of the second
-    o, s = partial(q, k[:, part], v[:, part], pos, pos[part], 0.3)
-    out, lse = seq_parallel.merge_partials(out, lse, o, s)
-  chex.assert_trees_all_close(out, full, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(lse, full_lse, atol=1e-5, rtol=1e-5)
-
-  def merged_loss(q):
-    out, lse = None, None
-    for part in (slice(0, 16), slice(16, 32)):
-      o, s = seq_parallel.dense_partial(q, k[:, part], v[:, part], pos, pos[part], 0.3)
-      out, lse = seq_parallel.merge_partials(out, lse, o, s)
-    return jnp.sum(out**2)
-
-  grad = jax.jit(jax.grad(merged_loss))(q)
-  chex.assert_tree_all_finite(grad)
-  want = jax.jit(jax.grad(lambda q: jnp.sum(partial(q, k, v, pos, pos, 0.3)[0] ** 2)))(q)
-  chex.assert_trees_all_close(grad, want, atol=1e-5, rtol=1e-5)
+  kw = dict(scale=scale, tiles=(16, 8))
+  out, lse = jnp.zeros_like(q), jnp.full((b, hkv, hq // hkv, t), -jnp.inf)
+  for part in (slice(32, 64), slice(0, 32)):  # rows before 32 see none of the first part
+    out, lse = seq_parallel.dense_step_forward(
+      q, k[:, part], v[:, part], pos, pos[part], out, lse, **kw
+    )
+  attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+  ref, vjp = jax.vjp(attention, q, k, v)
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+  want = vjp(d_out)
+  delta = jnp.sum(out * d_out, -1).reshape(b, t, hkv, hq // hkv).transpose(0, 2, 3, 1)
+  grads = dict(q=q, d_out=d_out, lse=lse, delta=delta, q_pos=pos, **kw)
+  dq = jnp.zeros_like(q)
+  dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
+  for part in (slice(0, 32), slice(32, 64)):
+    dq = seq_parallel.dense_step_dq(k=k[:, part], v=v[:, part], k_pos=pos[part], dq=dq, **grads)
+    dk_p, dv_p = seq_parallel.dense_step_dkv(
+      k=k[:, part], v=v[:, part], k_pos=pos[part], dk=dk[:, part], dv=dv[:, part], **grads
+    )
+    dk, dv = dk.at[:, part].set(dk_p), dv.at[:, part].set(dv_p)
+  chex.assert_trees_all_close((dq, dk, dv), want, atol=1e-5, rtol=1e-5)
 
 
 # Two groups so that `pytest -n 2` runs them side by side.
@@ -162,6 +164,7 @@ CASE_GROUPS = {
     "block_topk_zigzag_seq2",
     "dense_striped_seq8",
     "dense_zigzag_seq4_data2",
+    "dense_contiguous_seq2_bf16",
     "train_step_data2_seq4",
   ],
 }
