@@ -90,6 +90,11 @@ def make_train_step(
   to them; by default they follow the inputs' shardings.
   """
   layout = cfg.mesh.layout if layout is None else layout
+  if cfg.model.short_conv and layout != "contiguous":
+    raise ValueError(
+      f"model.short_conv={cfg.model.short_conv} mixes neighbouring tokens, which the "
+      f"{layout!r} layout reorders: use layout='contiguous'"
+    )
   rules = cfg.mesh.rules if rules is None else rules
   attention_fn = sharded_attend(mesh, layout)
   p = mesh.shape["seq"]

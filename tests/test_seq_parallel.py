@@ -117,6 +117,20 @@ def test_mesh_config_errors():
     seq_parallel.check_seq_len(96, 4, 16, "zigzag")
 
 
+def test_short_conv_needs_contiguous_layout():
+  """A short convolution over a striped/zigzag (reordered) sequence would mix tokens that
+  are not neighbours: the sharded train step refuses it, naming the value."""
+  from configs import quickstart
+  from subq_jax import seq_parallel_train
+  from subq_jax.experiment import resolve
+
+  cfg = resolve(quickstart.get_config("smoke"))
+  assert cfg.model.short_conv == 4
+  mesh = sharding.make_mesh(sharding.MeshConfig(seq=1))
+  with pytest.raises(ValueError, match="short_conv=4 .* 'striped'"):
+    seq_parallel_train.make_train_step(None, None, cfg, 1, 0, mesh, layout="striped")
+
+
 def test_dense_steps_match_attention():
   """The dense ring's step kernels, tile by tile (some tiles wholly masked): the forward
   going on from an earlier (out, lse) over two key parts equals one causal softmax, and
