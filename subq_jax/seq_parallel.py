@@ -271,15 +271,7 @@ def _select_shard(rq, rk, config, tile_j0, implementation, axis_name, p, layout)
   if config.kind == "block_topk":
     chosen = ssa_lib._flat_topk(ssa_lib._routing_rows(window, hkv, config), level1, prefix, config)
   elif implementation == "pallas":  # the kernel reads each tile's window from the queries
-    from pallas_kernels.selector.pallas_gpu import score_candidates_from_queries_pallas
-
-    score_fn = functools.partial(
-      score_candidates_from_queries_pallas,
-      query_tile=config.tile,
-      summary=config.summary,
-      compute_dtype=rq.dtype,
-      interpret=jax.default_backend() == "cpu",
-    )
+    score_fn = ssa_lib.pallas_score_fn(config, rq.dtype)
     tables = _tree_from_level1(level1, config)
     chosen = ssa_lib._beam_descent(window, tables, prefix, config, score_fn, whole_top_nodes=128)
   else:

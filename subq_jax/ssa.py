@@ -262,6 +262,18 @@ def _default_implementation(q, k, config: SSAConfig) -> str:
   return "xla"
 
 
+def pallas_score_fn(config: SSAConfig, dtype):
+  """The Pallas candidate scorer that builds each tile's routing window from the routing
+  queries (interpreted on CPU), as `_beam_descent` calls it."""
+  return functools.partial(
+    score_candidates_from_queries_pallas,
+    query_tile=config.tile,
+    summary=config.summary,
+    compute_dtype=dtype,
+    interpret=jax.default_backend() == "cpu",
+  )
+
+
 def _check_pallas_backend():
   backend = jax.default_backend()
   if backend not in ("gpu", "cpu"):
@@ -314,13 +326,7 @@ def _select(rq, rk, config: SSAConfig, seq_len: int, implementation: str) -> jax
     chosen = _flat_topk(_routing_rows(rq, hkv, config), _tree(rk, config)[0], prefix, config)
   elif implementation == "pallas":  # the kernel builds each tile's routing window from rq
     _check_pallas_backend()
-    score_fn = functools.partial(
-      score_candidates_from_queries_pallas,
-      query_tile=config.tile,
-      summary=config.summary,
-      compute_dtype=rq.dtype,
-      interpret=jax.default_backend() == "cpu",
-    )
+    score_fn = pallas_score_fn(config, rq.dtype)
     # The top levels of up to 128 nodes in one pass over the routing queries.
     chosen = _beam_descent(rq, _tree(rk, config), prefix, config, score_fn, whole_top_nodes=128)
   else:
