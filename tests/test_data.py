@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from subq_jax.data import corpus, tasks
+from subq_jax.data import corpus, ruler, tasks
 from subq_jax.data.pipeline import DataConfig, make_dataset, make_sample
 from subq_jax.data.tokenizer import ByteTokenizer, get_tokenizer
 
@@ -102,6 +102,19 @@ def test_mqar_spread_layout_scatters_queries():
     key = TOK.decode(s.tokens[a - 2 : a])  # a Greek letter is two bytes
     assert table[key] == TOK.decode(s.tokens[a : a + 1])
   assert answers[-1] - answers[0] > 500  # scattered over the 2,000 tokens
+  # pairs_at: the pairs move into the sequence, the queries stay after them.
+  late = dataclasses.replace(cfg, pairs_at=0.9)
+  starts = []
+  for seed in range(6):
+    s = tasks.mqar(np.random.default_rng(seed), TOK, stream, 2000, late)
+    assert s.tokens.shape == (2000,) and s.answer_mask.sum() == 6
+    pat = TOK.encode("mqar ")
+    start = next(i for i in range(len(s.tokens)) if np.array_equal(s.tokens[i : i + 5], pat))
+    assert np.flatnonzero(s.answer_mask)[0] > start
+    starts.append(start)
+  assert max(starts) > 300  # beyond any sink of a few blocks
+  with pytest.raises(ValueError, match="pairs_at=1.5"):
+    dataclasses.replace(cfg, pairs_at=1.5)
 
 
 def test_task_too_long_names_the_task():
@@ -139,4 +152,28 @@ def test_mixture_weights():
   batch = next(iter(make_dataset(cfg, seq_len=512, batch_size=4)))
   assert (batch["source"] == 1).all() and batch["answer_mask"].any(axis=1).all()
   with pytest.raises(ValueError, match="mixture"):
-    dataclasses.replace(CFG, mixture={"code": 1.0, "ruler": 1.0})
+    dataclasses.replace(CFG, mixture={"code": 1.0, "books": 1.0})
+
+
+def test_ruler_source_packs_a_task_in_its_evaluation_format():
+  cfg = dataclasses.replace(CFG, mixture={"ruler": 1.0}, ruler_tasks=("niah_single_1", "vt"))
+  batch = next(iter(make_dataset(cfg, seq_len=700, batch_size=6)))
+  assert batch["tokens"].shape == (6, 701) and (batch["source"] == 3).all()
+  for tokens, mask in zip(batch["tokens"], batch["answer_mask"], strict=True):
+    text = TOK.decode(tokens[: np.flatnonzero(tokens == TOK.sep_id)[0]])
+    answers = TOK.decode(tokens[mask])
+    if "magic number" in text:  # niah_single_1: the needle's value, asked once at the end
+      key = text.rsplit("special magic number for ", 1)[1].split(" ")[0]
+      needle = text.split(f"One of the special magic numbers for {key} is: ")[1][:7]
+      assert answers == needle and needle.isdigit()
+    else:  # vt: the variables that hold the asked value, each assigned in the text
+      value = text.rsplit("are assigned the value ", 1)[1].split(",")[0]
+      names = [answers[i : i + 5] for i in range(0, len(answers), 5)]  # five letters each
+      assert names and all(f"VAR {v} = " in text for v in names)
+      assert value.isdigit()
+    # The answer is the end of the task: a separator follows, then code fills the row.
+    last = np.flatnonzero(mask)[-1]
+    assert TOK.sep_id in tokens[last + 1 : last + 3]
+  with pytest.raises(ValueError, match="niah_single_9"):
+    dataclasses.replace(CFG, ruler_tasks=("niah_single_9",))
+  assert set(CFG.ruler_tasks) <= set(ruler.TASKS)

@@ -19,10 +19,12 @@ import grain
 import jax
 import numpy as np
 
-from subq_jax.data import corpus, tasks
+from subq_jax.data import corpus, ruler, tasks
 from subq_jax.data.tokenizer import get_tokenizer
 
-SOURCES = ("code", "niah", "mqar")
+SOURCES = ("code", "niah", "mqar", "ruler")
+# The evaluation's RULER-style tasks in their evaluation format (`subq_jax.data.ruler`).
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_uuid", "niah_multikey_1", "vt", "qa_1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,9 @@ class DataConfig:
   val_fraction: share of corpus documents held out for validation / evaluation haystacks.
   mixture: weight per source in `SOURCES` (normalised).
   niah, mqar: task knobs.
+  ruler_tasks: the `ruler` source draws one of these tasks (uniformly) per sample, built
+    at the training length from the training split of the corpus: prompt, then the
+    reference answer (the loss's answer tokens), a separator, and code to fill.
   num_threads, prefetch: grain read options.
   """
 
@@ -45,6 +50,7 @@ class DataConfig:
   mixture: tuple[tuple[str, float], ...] = (("code", 0.5), ("niah", 0.25), ("mqar", 0.25))
   niah: tasks.NIAHConfig = dataclasses.field(default_factory=tasks.NIAHConfig)
   mqar: tasks.MQARConfig = dataclasses.field(default_factory=tasks.MQARConfig)
+  ruler_tasks: tuple[str, ...] = RULER_TASKS
   num_threads: int = 1
   prefetch: int = 4
 
@@ -64,6 +70,13 @@ class DataConfig:
       object.__setattr__(self, "niah", tasks.NIAHConfig(**self.niah))
     if isinstance(self.mqar, dict):
       object.__setattr__(self, "mqar", tasks.MQARConfig(**self.mqar))
+    object.__setattr__(self, "ruler_tasks", tuple(self.ruler_tasks))
+    unknown = [t for t in self.ruler_tasks if t not in ruler.TASKS]
+    if unknown or not self.ruler_tasks:
+      raise ValueError(
+        f"data.ruler_tasks={list(self.ruler_tasks)}: {unknown or 'empty'} "
+        f"(tasks: {sorted(ruler.TASKS)})"
+      )
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
 
@@ -71,10 +84,33 @@ class DataConfig:
     return get_tokenizer(self.tokenizer, self.tokenizer_path)
 
 
-def make_sample(cfg: DataConfig, tokenizer, stream, seq_len: int, rng, source: str):
-  """One packed sequence of `seq_len + 1` tokens from `source`, as a dict of arrays."""
+def ruler_sample(
+  cfg: DataConfig, tokenizer, stream, seq_len: int, rng, text_source
+) -> tasks.Sample:
+  """A `ruler` source sample of `seq_len + 1` tokens: one task of `cfg.ruler_tasks` built
+  to `seq_len` (prompt + answer room), its reference answer, a separator, code to fill."""
+  name = cfg.ruler_tasks[int(rng.integers(len(cfg.ruler_tasks)))]
+  task = ruler.generate(name, seq_len, seed=rng.integers(1 << 31, size=2), source=text_source)
+  body = task.to_sample(tokenizer)
+  fill = seq_len + 1 - len(body.tokens) - 1
+  if fill < 0:
+    raise ValueError(f"ruler source: {name} built {len(body.tokens)} tokens for seq_len={seq_len}")
+  sep = np.asarray([tokenizer.sep_id], np.int32)
+  tokens = np.concatenate([body.tokens, sep, tasks.code_window(rng, stream, fill)])
+  return tasks.Sample(tokens, np.concatenate([body.answer_mask, np.zeros(fill + 1, bool)]))
+
+
+def make_sample(
+  cfg: DataConfig, tokenizer, stream, seq_len: int, rng, source: str, text_source=None
+):
+  """One packed sequence of `seq_len + 1` tokens from `source`, as a dict of arrays.
+  `text_source` (a `ruler.Source`, default the training split) feeds the `ruler` source."""
   length = seq_len + 1
-  if source == "code":
+  if source == "ruler":
+    if text_source is None:
+      text_source = ruler.Source(tokenizer, "train", cfg.val_fraction, cfg.corpus_root)
+    sample = ruler_sample(cfg, tokenizer, stream, seq_len, rng, text_source)
+  elif source == "code":
     sample = tasks.Sample(tasks.code_window(rng, stream, length), np.zeros(length, bool))
   elif source == "niah":
     sample = tasks.niah(rng, tokenizer, stream, length, cfg.niah)
@@ -96,6 +132,7 @@ class _Sampler:
     self.cfg, self.seq_len, self.stage = cfg, seq_len, stage
     self.tokenizer = cfg.make_tokenizer()
     self.stream = corpus.token_stream(self.tokenizer, split, cfg.val_fraction, cfg.corpus_root)
+    self.text_source = ruler.Source(self.tokenizer, split, cfg.val_fraction, cfg.corpus_root)
     self.names = [n for n, _ in cfg.mixture]
     weights = np.asarray([w for _, w in cfg.mixture], np.float64)
     self.probs = weights / weights.sum()
@@ -103,7 +140,9 @@ class _Sampler:
   def __call__(self, index: int):
     rng = np.random.default_rng([self.cfg.seed, self.stage, int(index)])
     source = self.names[int(rng.choice(len(self.names), p=self.probs))]
-    return make_sample(self.cfg, self.tokenizer, self.stream, self.seq_len, rng, source)
+    return make_sample(
+      self.cfg, self.tokenizer, self.stream, self.seq_len, rng, source, self.text_source
+    )
 
 
 def make_dataset(

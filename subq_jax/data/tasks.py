@@ -55,10 +55,15 @@ class MQARConfig:
   # uniformly random offsets of the code that fills the rest of the sequence, so the
   # key-to-query distance grows with the length.
   layout: str = "block"
+  # "spread" only: the pairs start after a code prefix of a random share in [0, pairs_at]
+  # of the filler (0: at the start, where an attention sink would hold them).
+  pairs_at: float = 0.0
 
   def __post_init__(self):
     if self.layout not in ("block", "spread"):
       raise ValueError(f"mqar.layout={self.layout!r} is not one of ('block', 'spread')")
+    if not 0.0 <= self.pairs_at < 1.0:
+      raise ValueError(f"mqar.pairs_at={self.pairs_at} must be in [0, 1)")
     if not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(
         f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
@@ -167,9 +172,11 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
     if free < 0:
       raise ValueError(f"mqar: length={length} is too short for {cfg.num_pairs} pairs")
     fill = code_window(rng, stream, free)
-    parts.insert(0, (sep, False))
-    prev = 0
-    for cut, query in zip(np.sort(rng.integers(0, free + 1, len(queries))), queries, strict=True):
+    start = int(rng.integers(0, int(cfg.pairs_at * free) + 1)) if cfg.pairs_at else 0
+    parts = [(fill[:start], False), (sep, False)] + parts
+    prev = start
+    cuts = np.sort(rng.integers(start, free + 1, len(queries)))
+    for cut, query in zip(cuts, queries, strict=True):
       parts += [(fill[prev:cut], False)] + query
       prev = cut
     return _fit(_concat(parts + [(fill[prev:], False)]), length, "mqar")
