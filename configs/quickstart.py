@@ -3,8 +3,9 @@
   python -m experiments.train --config=configs/quickstart.py --workdir=runs/quickstart
 
 Variants after the colon: `kind=dense|sliding|block_topk|indexer` (same model, same
-tokens; only the mechanism changes), `seq_len=`, `steps=`, `smoke` (a seconds-long run
-for tests).
+tokens; only the mechanism changes), `seq_len=`, `steps=`, `extend=N` (a second stage:
+`extend_steps` steps of 4 sequences of N tokens, evaluated at 1x and 4x of N), `smoke` (a
+seconds-long run for tests).
 
 Why this shape (experiments/results/quickstart_sweep/ has the measured curves):
 - The task is Zoology's MQAR (a one-letter Greek key right before its one-digit value),
@@ -31,7 +32,7 @@ from subq_jax.experiment import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, kind="ssa", smoke=False, seq_len=256, steps=1100)
+  arg = parse_arg(arg, kind="ssa", smoke=False, seq_len=256, steps=1100, extend=0, extend_steps=300)
   c = default_config()
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 2, 128, 4, 2, 384
@@ -49,6 +50,11 @@ def get_config(arg=None):
   c.train.answer_weight = 5.0  # the answers are a tenth of the tokens
   c.train.stages = [dict(seq_len=arg.seq_len, steps=arg.steps, rope_scale=1.0)]
   c.eval.update(tasks=["mqar"], multipliers=[1, 4, 16], num_samples=32)
+  if (
+    arg.extend
+  ):  # curriculum: recall at the short length first (experiments/results/curriculum_probe_cpu)
+    c.train.stages.append(dict(seq_len=arg.extend, steps=arg.extend_steps, batch_size=4))
+    c.eval.multipliers = [1, 4]
   if arg.smoke:
     m.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64)
     c.data.mqar.update(num_pairs=2, num_queries=1)
