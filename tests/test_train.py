@@ -160,7 +160,7 @@ def jax_log_softmax(x):
     ("train.loss_aggregation", "mean", "loss_aggregation"),
     ("model.num_kv_heads", 3, "num_heads=4 must be a multiple"),
     ("model.attention.kind", "flash", "kind='flash'"),
-    ("data.mixture.ruler", 1.0, "ruler"),
+    ("data.mixture.books", 1.0, "books"),
   ],
 )
 def test_config_errors_name_the_key(path, value, match):
