@@ -115,6 +115,8 @@ def test_mqar_spread_layout_scatters_queries():
   assert max(starts) > 300  # beyond any sink of a few blocks
   with pytest.raises(ValueError, match="pairs_at=1.5"):
     dataclasses.replace(cfg, pairs_at=1.5)
+  with pytest.raises(ValueError, match="pairs_at=0.5 needs layout='spread'"):
+    dataclasses.replace(cfg, pairs_at=0.5, layout="block")
 
 
 def test_task_too_long_names_the_task():

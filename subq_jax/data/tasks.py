@@ -64,6 +64,8 @@ class MQARConfig:
       raise ValueError(f"mqar.layout={self.layout!r} is not one of ('block', 'spread')")
     if not 0.0 <= self.pairs_at < 1.0:
       raise ValueError(f"mqar.pairs_at={self.pairs_at} must be in [0, 1)")
+    if self.pairs_at and self.layout != "spread":
+      raise ValueError(f"mqar.pairs_at={self.pairs_at} needs layout='spread', not {self.layout!r}")
     if not 1 <= self.num_queries <= self.num_pairs:
       raise ValueError(
         f"mqar.num_queries={self.num_queries} must be in [1, mqar.num_pairs={self.num_pairs}]"
