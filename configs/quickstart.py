@@ -50,9 +50,8 @@ def get_config(arg=None):
   c.train.answer_weight = 5.0  # the answers are a tenth of the tokens
   c.train.stages = [dict(seq_len=arg.seq_len, steps=arg.steps, rope_scale=1.0)]
   c.eval.update(tasks=["mqar"], multipliers=[1, 4, 16], num_samples=32)
-  if (
-    arg.extend
-  ):  # curriculum: recall at the short length first (experiments/results/curriculum_probe_cpu)
+  # Curriculum: recall at the short length first (experiments/results/curriculum_probe_cpu).
+  if arg.extend:
     c.train.stages.append(dict(seq_len=arg.extend, steps=arg.extend_steps, batch_size=4))
     c.eval.multipliers = [1, 4]
   if arg.smoke:

@@ -92,7 +92,7 @@ def ruler_sample(
   name = cfg.ruler_tasks[int(rng.integers(len(cfg.ruler_tasks)))]
   task = ruler.generate(name, seq_len, seed=rng.integers(1 << 31, size=2), source=text_source)
   body = task.to_sample(tokenizer)
-  fill = seq_len + 1 - len(body.tokens) - 1
+  fill = seq_len - len(body.tokens)  # after the separator, to seq_len + 1 tokens
   if fill < 0:
     raise ValueError(f"ruler source: {name} built {len(body.tokens)} tokens for seq_len={seq_len}")
   sep = np.asarray([tokenizer.sep_id], np.int32)
