@@ -95,13 +95,14 @@ def validation_loss(params, model_cfg, cfg, num_batches: int) -> float:
   """Mean next-token loss on `num_batches` held-out batches at the training length."""
   from subq_jax.data.pipeline import make_dataset
   from subq_jax.model import Transformer
-  from subq_jax.train import lm_loss
+  from subq_jax.train import lm_loss, stage_data_config
 
   tok = cfg.data.make_tokenizer()
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
   seq_len = cfg.train.stages[-1].seq_len
+  data = stage_data_config(cfg, len(cfg.train.stages) - 1)
   ds = make_dataset(
-    cfg.data, seq_len=seq_len, batch_size=cfg.train.batch_size, stage=0, split="validation"
+    data, seq_len=seq_len, batch_size=cfg.train.batch_size, stage=0, split="validation"
   )
 
   @jax.jit

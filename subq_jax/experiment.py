@@ -23,6 +23,11 @@ from subq_jax.sharding import MeshConfig
 LOSS_AGGREGATIONS = ("token", "sample")
 
 
+def _plain(d):
+  """A config mapping (ConfigDict or dict, nested) as plain dicts."""
+  return {k: _plain(v) if hasattr(v, "items") else v for k, v in d.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One stage of a context-extension schedule."""
@@ -31,8 +36,14 @@ class Stage:
   steps: int
   rope_scale: float = 1.0  # YaRN scale factor for this stage (1 = plain RoPE)
   batch_size: int | None = None  # None = train.batch_size (e.g. fewer, longer sequences)
+  # This stage's changes to `data` (None = none): DataConfig fields, with `niah` and `mqar`
+  # changed field by field, e.g. {"mixture": {"code": 0.1, "mqar": 0.9}, "mqar":
+  # {"pairs_at": 0.0}} (a short stage leaves out sources longer than it).
+  data: dict | None = None
 
   def __post_init__(self):
+    if self.data is not None:
+      object.__setattr__(self, "data", _plain(self.data))
     if not isinstance(self.seq_len, int) or self.seq_len < 2:
       raise ValueError(f"stage seq_len={self.seq_len!r} must be an integer >= 2")
     if not isinstance(self.steps, int) or self.steps < 1:

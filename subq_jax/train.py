@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from subq_jax.data.pipeline import make_dataset, make_sample
+from subq_jax.data.pipeline import DataConfig, make_dataset, make_sample
 from subq_jax.experiment import ExperimentConfig, TrainConfig
 from subq_jax.model import ModelConfig, Transformer, count_params
 
@@ -39,13 +39,36 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
-  """The model config of a stage: its YaRN scale over the first stage's length."""
+  """The model config of a stage: its YaRN scale over the original RoPE length.
+
+  The original length (YaRN's L) is `model.rope_original_length` when set, else the
+  longest stage up to this one trained with plain RoPE (rope_scale 1): a curriculum of
+  plain stages (512 then 4096) has RoPE trained at 4096, and a YaRN stage after it scales
+  from there."""
   s = cfg.train.stages[stage]
+  stages = cfg.train.stages[: stage + 1]
+  plain = [t.seq_len for t in stages if t.rope_scale == 1.0] or [stages[0].seq_len]
   return dataclasses.replace(
     cfg.model,
     rope_scale=s.rope_scale,
-    rope_original_length=cfg.model.rope_original_length or cfg.train.stages[0].seq_len,
+    rope_original_length=cfg.model.rope_original_length or max(plain),
   )
+
+
+def stage_data_config(cfg: ExperimentConfig, stage: int) -> DataConfig:
+  """The data config of a stage: `data` with the stage's changes (`Stage.data`)."""
+  changes = dict(cfg.train.stages[stage].data or {})
+  fields = {f.name for f in dataclasses.fields(DataConfig)}
+  unknown = sorted(set(changes) - fields)
+  if unknown:
+    raise ValueError(f"train.stages[{stage}].data.{unknown[0]}: not a data config field")
+  try:
+    for name in ("niah", "mqar"):
+      if name in changes:
+        changes[name] = dataclasses.replace(getattr(cfg.data, name), **changes[name])
+    return dataclasses.replace(cfg.data, **changes)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"train.stages[{stage}].data={cfg.train.stages[stage].data}: {e}") from e
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -186,10 +209,11 @@ def check_schedule(cfg: ExperimentConfig):
         f"train.stages[{i}].seq_len={s.seq_len} is shorter than the stage before "
         f"({cfg.train.stages[i - 1].seq_len}): stages extend the context"
       )
-    for source, weight in cfg.data.mixture:
+    data = stage_data_config(cfg, i)  # DataConfig checks the stage's changes
+    for source, weight in data.mixture:
       if weight > 0:
         try:
-          make_sample(cfg.data, tok, stream, s.seq_len, np.random.default_rng(0), source)
+          make_sample(data, tok, stream, s.seq_len, np.random.default_rng(0), source)
         except ValueError as e:
           raise ValueError(
             f"train.stages[{i}] (seq_len={s.seq_len}) cannot hold {source}: {e}"
@@ -328,7 +352,8 @@ def train(
       graphdef = nnx.graphdef(nnx.eval_shape(lambda c=model_cfg: Transformer(c, rngs=nnx.Rngs(0))))
       train_step = make_train_step(graphdef, tx, cfg, tok.sep_id, tok.pad_id)
       batch_size = s.batch_size or tc.batch_size
-      it = iter(make_dataset(cfg.data, seq_len=s.seq_len, batch_size=batch_size, stage=stage))
+      data = stage_data_config(cfg, stage)
+      it = iter(make_dataset(data, seq_len=s.seq_len, batch_size=batch_size, stage=stage))
       if data_state is not None and data_state["stage"] == stage:
         it.set_state(data_state["iterator"])
       data_state = None

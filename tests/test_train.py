@@ -190,6 +190,58 @@ def test_stage_schedule_errors():
     )
 
 
+def test_stage_data_changes():
+  """A stage's `data` changes its mixture and task knobs field by field; the loop's checks
+  and batches use them; bad changes name the stage and the field."""
+  from subq_jax.data.pipeline import SOURCES, make_dataset
+
+  cfg = _cfg()
+  short = Stage(32, 1, data={"mixture": {"mqar": 1.0}, "mqar": {"separator": "="}})
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=(short, Stage(64, 1))))
+  d0, d1 = train_lib.stage_data_config(cfg, 0), train_lib.stage_data_config(cfg, 1)
+  assert d0.mixture == (("mqar", 1.0),) and d1 == cfg.data
+  assert d0.mqar.separator == "=" and d0.mqar.num_pairs == cfg.data.mqar.num_pairs == 2
+  train_lib.check_schedule(cfg)  # 32 tokens hold MQAR, not the NIAH of data.mixture
+  batch = next(iter(make_dataset(d0, seq_len=32, batch_size=4, stage=0)))
+  assert {SOURCES[int(i)] for i in batch["source"]} == {"mqar"}
+  no_change = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=(Stage(32, 1),)))
+  with pytest.raises(ValueError, match=r"stages\[0\].*cannot hold niah"):
+    train_lib.check_schedule(no_change)
+  for data, match in [
+    ({"books": 1.0}, r"stages\[0\]\.data\.books"),
+    ({"mqar": {"pairs": 3}}, r"stages\[0\]\.data=.*pairs"),
+    ({"mixture": {"books": 1.0}}, r"stages\[0\]\.data=.*books"),
+    ({"mqar": {"pairs_at": 0.5}}, r"stages\[0\]\.data=.*pairs_at=0.5 needs layout"),
+  ]:
+    bad = dataclasses.replace(cfg.train, stages=(Stage(32, 1, data=data), Stage(64, 1)))
+    with pytest.raises(ValueError, match=match):
+      train_lib.stage_data_config(dataclasses.replace(cfg, train=bad), 0)
+
+
+def test_stage_rope_original_length():
+  """YaRN's original length is the longest plain-RoPE stage so far: a 64 -> 256 curriculum
+  trains RoPE at 256, so evaluation at 1024 with YaRN scales 4x from 256, not from 64."""
+  from subq_jax import evaluate
+
+  cfg = _cfg()
+
+  def with_stages(*stages):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=stages))
+
+  curriculum = with_stages(Stage(64, 1), Stage(256, 1))
+  assert train_lib.stage_model_config(curriculum, 0).rope_original_length == 64
+  last = train_lib.stage_model_config(curriculum, 1)
+  assert (last.rope_scale, last.rope_original_length) == (1.0, 256)
+  ev = evaluate.eval_model_config(last, 256, 1024, yarn=True)
+  assert (ev.rope_scale, ev.rope_original_length) == (4.0, 256)
+  # A YaRN stage after the plain ones scales from the longest plain stage.
+  extended = with_stages(Stage(64, 1), Stage(256, 1), Stage(1024, 1, rope_scale=4.0))
+  yarn = train_lib.stage_model_config(extended, 2)
+  assert (yarn.rope_scale, yarn.rope_original_length) == (4.0, 256)
+  ev = evaluate.eval_model_config(yarn, 1024, 4096, yarn=True)
+  assert (ev.rope_scale, ev.rope_original_length) == (16.0, 256)
+
+
 def test_indexer_learns_only_from_its_kl():
   """An `indexer` model's step reports the KL and its gradient reaches the indexer
   weights; with the KL's weight at 0 the indexer gets no gradient at all."""
