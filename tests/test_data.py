@@ -74,8 +74,10 @@ def test_mqar_answers_match_pairs():
   s = tasks.mqar(np.random.default_rng(3), TOK, stream, 400, CFG.mqar)
   assert s.tokens.shape == (400,)
   assert np.sum(s.tokens == TOK.sep_id) >= 2  # packed between separators
-  text = TOK.decode(s.tokens)
-  doc = text[text.index("mqar ") :]
+  # The document between its separators (code packed after it may hold ":" too).
+  docs = np.split(s.tokens, np.flatnonzero(s.tokens == TOK.sep_id))
+  (doc,) = [d for d in (TOK.decode(d[d != TOK.sep_id]) for d in docs) if "mqar " in d]
+  doc = doc[doc.index("mqar ") :]
   pairs, queries = doc.split(" |", 1)
   table = dict(p.split(":") for p in pairs[len("mqar ") :].split(" "))
   asked = [q.split(":") for q in queries.split(" ")[1 : 1 + CFG.mqar.num_queries]]
