@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from subq_jax.data.pipeline import DataConfig, make_dataset, make_sample
+from subq_jax.data.pipeline import SOURCES, DataConfig, make_dataset, make_sample
 from subq_jax.experiment import ExperimentConfig, TrainConfig
 from subq_jax.model import ModelConfig, Transformer, count_params
 
@@ -99,13 +99,16 @@ def lm_loss(
   pad_id: int,
   answer_mask=None,
   answer_weight: float = 1.0,
+  source=None,
 ):
   """Next-token loss and metrics.
 
   `token`: mean NLL over all target tokens. `sample`: each document (a run of tokens up
   to and including a separator) gets its own mean NLL, and documents are averaged.
   `answer_weight` multiplies the weight of the synthetic tasks' answer tokens (1 = plain
-  language modelling).
+  language modelling). `source` ([B], indices into the data pipeline's SOURCES) adds the
+  answer accuracy of each source, `answer_acc/<source>`, with its answer-token count
+  `answer_n/<source>` (0 where the batch has none of that source).
   """
   inputs, targets = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
   logp = jax.nn.log_softmax(logits_BxTxV)
@@ -132,6 +135,12 @@ def lm_loss(
     am = answer_mask[:, 1:].astype(jnp.float32)
     correct = (jnp.argmax(logits_BxTxV, -1) == targets).astype(jnp.float32)
     metrics["answer_token_acc"] = jnp.sum(correct * am) / jnp.maximum(jnp.sum(am), 1.0)
+    if source is not None:
+      for i, name in enumerate(SOURCES):
+        in_source = am * (source == i)[:, None]
+        n = jnp.sum(in_source)
+        metrics[f"answer_acc/{name}"] = jnp.sum(correct * in_source) / jnp.maximum(n, 1.0)
+        metrics[f"answer_n/{name}"] = n
   return loss, metrics
 
 
@@ -149,6 +158,7 @@ def make_train_step(graphdef, tx, cfg: ExperimentConfig, sep_id: int, pad_id: in
       pad_id=pad_id,
       answer_mask=batch["answer_mask"],
       answer_weight=cfg.train.answer_weight,
+      source=batch.get("source"),
     )
     kls = [jnp.mean(i.indexer_loss) for i in infos if i is not None and i.indexer_loss is not None]
     if kls:  # indexer layers: their KL to the attention trains the (detached) indexer
@@ -363,7 +373,6 @@ def train(
       )
       while step < stage_end:
         batch = next(it)
-        batch = {k: v for k, v in batch.items() if k != "source"}
         params, opt_state, metrics = train_step(params, opt_state, batch)
         step += 1
         if pending is not None:
@@ -379,17 +388,21 @@ def train(
           now = time.time()
           tps = tokens_since_log / max(now - t_log, 1e-9)
           sec_per_step = (now - t_run) / max(steps_run, 1)
-          scalars = {k: float(v) for k, v in m.items() if k != "grads_finite"} | {
+          scalars = _log_scalars(m) | {
             "tokens_per_s": tps,
             "seq_len": s.seq_len,
             "stage": stage,
             "lr": float(_lr(tc, step)),
           }
           writer.write(step, scalars)
+          per_source = ", ".join(
+            f"{k.split('/')[1]} {v:.2f}" for k, v in scalars.items() if k.startswith("answer_acc/")
+          )
           log(
             f"step {step:>6}/{total} | loss {scalars['loss']:.4f} | answer acc "
-            f"{scalars.get('answer_token_acc', float('nan')):.3f} | {tps:,.0f} tok/s | "
-            f"ETA {_fmt_time((total - step) * sec_per_step)}"
+            f"{scalars.get('answer_token_acc', float('nan')):.3f}"
+            + (f" ({per_source})" if per_source else "")
+            + f" | {tps:,.0f} tok/s | ETA {_fmt_time((total - step) * sec_per_step)}"
           )
           t_log, steps_since_log, tokens_since_log = now, 0, 0
         if step % tc.checkpoint_every == 0 or step == end:
@@ -414,6 +427,16 @@ def train(
   if pending is not None:
     _record(pending, losses)
   return TrainResult(params, model_cfg, losses, steps_run, time.time() - t_start)
+
+
+def _log_scalars(metrics: dict) -> dict:
+  """A step's metrics as floats to log: per-source answer accuracy only for the sources
+  with answer tokens in the batch; no counts, no per-parameter flags."""
+  m = {k: float(v) for k, v in metrics.items() if k != "grads_finite"}
+  for key in [k for k in m if k.startswith("answer_n/")]:
+    if m.pop(key) == 0:
+      m.pop("answer_acc/" + key.split("/", 1)[1])
+  return m
 
 
 def _record(pending, losses):

@@ -147,6 +147,34 @@ def test_loss_aggregation(aggregation):
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
+def test_answer_accuracy_per_source():
+  """answer_acc/<source> is the accuracy on that source's answer tokens; a source with no
+  answer tokens in the batch logs nothing."""
+  from subq_jax.data.pipeline import SOURCES
+
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(3, 15, 12)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 10, (3, 16)), jnp.int32)
+  answer = jnp.asarray(rng.random((3, 16)) < 0.5)
+  source = jnp.asarray([SOURCES.index(s) for s in ("mqar", "niah", "mqar")], jnp.int32)
+  _, m = train_lib.lm_loss(
+    logits, tokens, aggregation="token", sep_id=11, pad_id=-1, answer_mask=answer, source=source
+  )
+  correct = np.asarray(jnp.argmax(logits, -1) == tokens[:, 1:])
+  am = np.asarray(answer[:, 1:])
+  for name, rows in (("mqar", [0, 2]), ("niah", [1])):
+    expected = correct[rows][am[rows]].mean()
+    np.testing.assert_allclose(m[f"answer_acc/{name}"], expected, rtol=1e-6)
+    assert int(m[f"answer_n/{name}"]) == am[rows].sum()
+  np.testing.assert_allclose(m["answer_token_acc"], correct[am].mean(), rtol=1e-6)
+  logged = train_lib._log_scalars(m)
+  assert {k for k in logged if k.startswith("answer_")} == {
+    "answer_token_acc",
+    "answer_acc/mqar",
+    "answer_acc/niah",
+  }
+
+
 def jax_log_softmax(x):
   import jax
 
