@@ -100,7 +100,8 @@ def ssa_attention(
     implementation: `reference` (float32 brute force, small seq only), `xla`
       (blockwise), `pallas` (kernels; interpret mode on CPU), or None for the best
       on the backend: `pallas` on GPU for the block kinds when the kernels take the
-      shapes (power-of-two head_dim and GQA ratio, query_tile * G >= 16), else `xla`
+      shapes (power-of-two head_dim and GQA ratio; tiles of query_tile * G < 16 rows run
+      repeated heads up to 16), else `xla`
       (`dense`: `pallas` and None mean cuDNN flash attention on GPU for bf16/f16).
     return_info: also return an `AttentionInfo`.
 
@@ -149,6 +150,9 @@ def select_blocks(
     from subq_jax import ssa_reference
 
     return ssa_reference.select_blocks(routing_q, routing_k, config)
+  hkv, g = routing_k.shape[2], routing_q.shape[2] // routing_k.shape[2]
+  if implementation == "pallas" and _kernel_group(g, config) > g:
+    routing_q = _repeat_group(routing_q, hkv, _kernel_group(g, config))
   rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
   return _select(rq, rk, config, routing_q.shape[1], implementation)
 
@@ -246,9 +250,25 @@ def _pallas_unsupported(q, k, config: SSAConfig) -> str:
     return f"head_dim={d} must be a power of two >= 16"
   if not _pow2(g):
     return f"q_heads / kv_heads = {g} must be a power of two"
-  if config.tile * g < 16:
-    return f"query_tile * (q_heads / kv_heads) = {config.tile} * {g} must be >= 16"
+  if 16 % (config.tile * g) and config.tile * g < 16:
+    return f"query_tile * (q_heads / kv_heads) = {config.tile} * {g} must divide 16 or be >= 16"
   return ""
+
+
+def _kernel_group(g: int, config: SSAConfig) -> int:
+  """Query heads a KV head as the kernels see them: G, or more when a tile has fewer than
+  the 16 rows of the kernels' smallest matmul (query_tile * G < 16). The extra heads
+  repeat the real ones (same routing scores) and their outputs are dropped, so they add
+  nothing to the result or the gradients."""
+  return max(g, 16 // config.tile)
+
+
+def _repeat_group(x: jax.Array, kv_heads: int, group: int) -> jax.Array:
+  """[b, t, kv_heads * g, d] -> [b, t, kv_heads * group, d], each KV head's g heads
+  repeated group / g times."""
+  b, t, h, d = x.shape
+  x = x.reshape(b, t, kv_heads, h // kv_heads, d)
+  return jnp.tile(x, (1, 1, 1, group * kv_heads // h, 1)).reshape(b, t, kv_heads * group, d)
 
 
 def _default_implementation(q, k, config: SSAConfig) -> str:
@@ -286,6 +306,22 @@ def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
 
 
 def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
+  hkv, g = k.shape[2], q.shape[2] // k.shape[2]
+  group = _kernel_group(g, config) if implementation == "pallas" else g
+  if group > g:  # tiles of fewer than 16 rows: the kernels run repeated heads
+    rq = q if routing_q is None else routing_q
+    out, info = _block_sparse(
+      _repeat_group(q, hkv, group),
+      k,
+      v,
+      config,
+      _repeat_group(rq, hkv, group),
+      routing_k,
+      scale,
+      implementation,
+    )
+    b, t, _, d = out.shape
+    return out.reshape(b, t, hkv, group, d)[:, :, :, :g].reshape(q.shape), info
   t = q.shape[1]
   bs = config.block_size
   qp, kp, vp = (_pad_seq(x, bs) for x in (q, k, v))

@@ -368,6 +368,27 @@ def test_pallas_path_matches_xla():
   chex.assert_trees_all_close(grad(q, k, v, "pallas"), grad(q, k, v, "xla"), atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize(
+  "kind,summary,tile", [("ssa", "mean", 1), ("ssa", "bounds", 2), ("block_topk", "mean", 1)]
+)
+def test_pallas_small_tiles_run_repeated_heads(kind, summary, tile):
+  """query_tile * G < 16 rows: the kernels run each KV head's query heads repeated up to
+  16 rows; output, selection and gradients equal the XLA path's."""
+  config = SSAConfig(**{**SMALL, "kind": kind, "summary": summary, "query_tile": tile})
+  q, k, v = _qkv(131 + tile, 1, 64, 4, 2, 16)  # G = 2: tile * G = 2 or 4 rows
+  out, info = _run(q, k, v, config, "pallas")
+  ref, ref_info = _run(q, k, v, config, "xla")
+  np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
+  assert int((info.selected_blocks >= 0).sum()) > 0
+  chex.assert_trees_all_close(out, ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(
+    select_blocks(q, k, config, implementation="pallas"), ref_info.selected_blocks
+  )
+  loss = lambda q, k, v, impl: jnp.sum(ssa_attention(q, k, v, config, implementation=impl) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  chex.assert_trees_all_close(grad(q, k, v, "pallas"), grad(q, k, v, "xla"), atol=5e-5, rtol=5e-5)
+
+
 def test_partial_block_list_gives_empty_rows():
   """Rows that see no key (a shard's share of a block list) give out 0 and lse -inf."""
   from pallas_kernels.sparse_attention.reference import sparse_attention
