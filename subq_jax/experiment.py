@@ -9,6 +9,7 @@ big_vision-style variant string after the colon (`--config=configs/x.py:kind=den
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -21,11 +22,6 @@ from subq_jax.model import ModelConfig
 from subq_jax.sharding import MeshConfig
 
 LOSS_AGGREGATIONS = ("token", "sample")
-
-
-def _plain(d):
-  """A config mapping (ConfigDict or dict, nested) as plain dicts."""
-  return {k: _plain(v) if hasattr(v, "items") else v for k, v in d.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +39,9 @@ class Stage:
 
   def __post_init__(self):
     if self.data is not None:
-      object.__setattr__(self, "data", _plain(self.data))
+      if not isinstance(self.data, dict):
+        raise ValueError(f"stage data={self.data!r} must be a dict of data config changes")
+      object.__setattr__(self, "data", copy.deepcopy(self.data))  # the stage's own copy
     if not isinstance(self.seq_len, int) or self.seq_len < 2:
       raise ValueError(f"stage seq_len={self.seq_len!r} must be an integer >= 2")
     if not isinstance(self.steps, int) or self.steps < 1:

@@ -151,8 +151,9 @@ def select_blocks(
 
     return ssa_reference.select_blocks(routing_q, routing_k, config)
   hkv, g = routing_k.shape[2], routing_q.shape[2] // routing_k.shape[2]
-  if implementation == "pallas" and _kernel_group(g, config) > g:
-    routing_q = _repeat_group(routing_q, hkv, _kernel_group(g, config))
+  group = _kernel_group(g, config) if implementation == "pallas" else g
+  if group > g:  # as _block_sparse: the kernels score repeated heads
+    routing_q = _repeat_group(routing_q, hkv, group)
   rq, rk = (_pad_seq(x, config.block_size) for x in (routing_q, routing_k))
   return _select(rq, rk, config, routing_q.shape[1], implementation)
 

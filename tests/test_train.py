@@ -153,17 +153,22 @@ def test_answer_accuracy_per_source():
   from subq_jax.data.pipeline import SOURCES
 
   rng = np.random.default_rng(1)
-  logits = jnp.asarray(rng.normal(size=(3, 15, 12)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 10, (3, 16)), jnp.int32)
   answer = jnp.asarray(rng.random((3, 16)) < 0.5)
+  # Right on a different share of each row's targets: 0.9, 0.2, 0.6.
+  right = rng.random((3, 15)) < np.array([[0.9], [0.2], [0.6]])
+  logits = rng.normal(size=(3, 15, 12)) + 10.0 * right[..., None] * np.eye(12)[tokens[:, 1:]]
+  logits = jnp.asarray(logits, jnp.float32)
   source = jnp.asarray([SOURCES.index(s) for s in ("mqar", "niah", "mqar")], jnp.int32)
   _, m = train_lib.lm_loss(
     logits, tokens, aggregation="token", sep_id=11, pad_id=-1, answer_mask=answer, source=source
   )
   correct = np.asarray(jnp.argmax(logits, -1) == tokens[:, 1:])
   am = np.asarray(answer[:, 1:])
+  assert 0 < correct[am].mean() < 1
   for name, rows in (("mqar", [0, 2]), ("niah", [1])):
     expected = correct[rows][am[rows]].mean()
+    assert abs(expected - correct[am].mean()) > 0.05  # differs from the pooled figure
     np.testing.assert_allclose(m[f"answer_acc/{name}"], expected, rtol=1e-6)
     assert int(m[f"answer_n/{name}"]) == am[rows].sum()
   np.testing.assert_allclose(m["answer_token_acc"], correct[am].mean(), rtol=1e-6)
@@ -235,6 +240,8 @@ def test_stage_data_changes():
   no_change = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=(Stage(32, 1),)))
   with pytest.raises(ValueError, match=r"stages\[0\].*cannot hold niah"):
     train_lib.check_schedule(no_change)
+  with pytest.raises(ValueError, match=r"stage data=\[\('mqar', 1.0\)\] must be a dict"):
+    Stage(32, 1, data=[("mqar", 1.0)])
   for data, match in [
     ({"books": 1.0}, r"stages\[0\]\.data\.books"),
     ({"mqar": {"pairs": 3}}, r"stages\[0\]\.data=.*pairs"),
