@@ -52,11 +52,12 @@ def test_comparison_trains_selects_and_tabulates(comparison):
   for name in ("compare.json", "compare.md", "compare_accuracy.png", "compare_pairs.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   rope, yarn = summary["mechanisms"]["dense_rope"], summary["mechanisms"]["dense_yarn"]
-  # One training per rate, shared; the held-out loss picks the rate.
+  # One training per rate, shared; retrieval accuracy at 1x picks the rate (ties: loss).
   assert yarn["trained_as"] == "dense_rope" and yarn["lr"] == rope["lr"]
   losses = {r["lr"]: r["val_loss"] for r in rope["sweep"]}
   assert sorted(losses) == [1e-3, 1e-2] and all(np.isfinite(list(losses.values())))
-  assert rope["lr"] == min(losses, key=losses.get)
+  accs = {r["lr"]: r["retrieval_acc"] for r in rope["sweep"]}
+  assert rope["lr"] == max(losses, key=lambda lr: (accs[lr], -losses[lr]))
   assert sorted(os.listdir(os.path.join(out, "runs"))) == ["dense_rope"]
   # YaRN scales RoPE by 4 at 4x the training length; plain RoPE does not.
   for name, scale in (("dense_rope", 1.0), ("dense_yarn", 4.0)):
@@ -68,22 +69,45 @@ def test_comparison_trains_selects_and_tabulates(comparison):
     assert r["pairs_fraction"] == pytest.approx(1.0)  # dense attends to every pair
     assert e["results"]["niah (train format)"]["512"]["n"] >= 1
     assert e["results"]["mqar (train format)"]["512"]["pairs_fraction"] == pytest.approx(1.0)
+  # Each rate's selection: the training-format tasks at 1x (128 tokens) only, its own
+  # samples (seed 1), pooled over both tasks' queries; cached in compare_run.json.
+  for lr in (1e-3, 1e-2):
+    workdir = os.path.join(out, "runs", "dense_rope", f"lr{lr:g}")
+    report = json.load(open(os.path.join(workdir, "selection", "suite.json")))
+    assert report["suite"]["seed"] == compare.SELECTION_SEED != 0
+    cells = report["cells"]
+    assert sorted((c["task"], c["length"]) for c in cells) == [
+      ("mqar (train format)", 128),
+      ("niah (train format)", 128),
+    ]
+    scores = [x for c in cells for x in c["scores"]]
+    assert len(scores) >= 4 and accs[lr] == pytest.approx(np.mean(scores))
+    assert json.load(open(os.path.join(workdir, "compare_run.json")))["retrieval_acc"] == accs[lr]
   table = open(os.path.join(out, "compare.md")).read()
   assert "dense_yarn" in table and "n=2" in table and "512 tokens (4x" in table
-  # Finished runs are reused, not trained again.
+  assert "chosen by held-out retrieval acc at 1x" in table
+  assert f"0.001: acc {accs[1e-3]:.2f}, loss {losses[1e-3]:.3f}" in table
+  # Finished runs are reused, not trained or evaluated again.
   cfg = compare.build_config(
     os.path.join(REPO, "configs", "ablation.py"), "dense_rope", 1e-3, "smoke,steps=2", SMOKE
   )
   workdir = os.path.join(out, "runs", "dense_rope", "lr0.001")
-  again = compare._train_one(cfg, workdir, 1, log=lambda *_: pytest.fail("trained again"))
-  assert again["val_loss"] == losses[1e-3]
-  # Separate invocations (one rate each, say) merge: the lowest held-out loss wins.
+  fail = lambda *_: pytest.fail("trained or evaluated again")  # noqa: E731
+  again = compare._train_one(cfg, workdir, 1, log=fail)
+  assert again["val_loss"] == losses[1e-3] and again["retrieval_acc"] == accs[1e-3]
+  assert compare._selection_accuracy(again, workdir, 2, 2, log=fail) == again
+  # An older record without the figure gets it computed (same samples, same value) and saved.
+  older = {k: v for k, v in again.items() if k != "retrieval_acc"}
+  json.dump(older, open(os.path.join(workdir, "compare_run.json"), "w"))
+  redone = compare._selection_accuracy(older, workdir, 2, 2, log=_quiet)
+  assert redone["retrieval_acc"] == accs[1e-3]
+  assert json.load(open(os.path.join(workdir, "compare_run.json"))) == redone
+  # Separate invocations merge: a rate of higher retrieval accuracy wins despite its loss.
   first_path = os.path.join(out, "first.json")
   json.dump(summary, open(first_path, "w"))
   other = json.loads(json.dumps(summary))
-  better = min(losses.values()) - 1.0
-  other["mechanisms"] = {"dense_rope": dict(rope, lr=5e-3)}
-  other["mechanisms"]["dense_rope"]["sweep"] = [{"lr": 5e-3, "val_loss": better}]
+  rate = {"lr": 5e-3, "val_loss": max(losses.values()) + 1.0, "retrieval_acc": 1.5}
+  other["mechanisms"] = {"dense_rope": dict(rope, lr=5e-3, sweep=[rate])}
   other_path = os.path.join(out, "other.json")
   json.dump(other, open(other_path, "w"))
   merged = compare.assemble([first_path, other_path], os.path.join(out, "merged"), log=_quiet)
@@ -229,3 +253,132 @@ def test_suite_table_hand_worked():
   lo, hi = scoring.wilson_interval(7, 8)
   assert f"| niah_single_2 | code | 0.88 [{lo:.2f}, {hi:.2f}] n=8 |" in table
   assert "1024 (2x)" in table and "50.00%" in table and "cwe at 1024" in table
+
+
+def _row(mean, n):
+  return {"mean": mean, "n": n, "lo": 0.0, "hi": 1.0, "pairs_fraction": 0.25, "filler": ["code"]}
+
+
+def _entry(lr, val_loss, niah, mqar, train_len=4096, **rate):
+  """A compare.json entry evaluated at 1x only; `rate`: extra fields of its sweep record
+  (`retrieval_acc`; absent as in older files)."""
+  n = str(train_len)
+  return {
+    "trained_as": "ssa_bounds",
+    "lr": lr,
+    "sweep": [{"lr": lr, "val_loss": val_loss, **rate}],
+    "keys_per_query": 448,
+    "kind": "ssa",
+    "summary": "bounds",
+    "yarn": False,
+    "train_len": train_len,
+    "train_wall_s": 10.0,
+    "results": {
+      "niah_single_1": {n: _row(1.0, 8)},  # not a selection task
+      "niah (train format)": {n: _row(*niah)},
+      "mqar (train format)": {n: _row(*mqar)},
+    },
+  }
+
+
+def _assemble(tmp_path, *entries, name="ssa_bounds"):
+  paths = []
+  for i, e in enumerate(entries):
+    paths.append(str(tmp_path / f"part{i}.json"))
+    json.dump({"mechanisms": {name: e}}, open(paths[-1], "w"))
+  return compare.assemble(paths, str(tmp_path / "merged"), log=_quiet)["mechanisms"][name]
+
+
+def test_retrieval_accuracy_hand_worked():
+  results = {
+    "niah (train format)": {"512": _row(0.25, 8), "2048": _row(1.0, 8)},  # 2 of 8 at 512
+    "mqar (train format)": {"512": _row(0.75, 24)},  # 18 of 24
+    "mqar": {"512": _row(1.0, 100)},  # the RULER-format task: not pooled
+  }
+  # (2 + 18) / (8 + 24); the unweighted mean of the two tasks would be 0.5.
+  assert compare.retrieval_accuracy(results, 512) == 0.625
+  assert compare.retrieval_accuracy(results, "512") == 0.625
+  assert compare.retrieval_accuracy(results, 2048) == 1.0  # only niah at 2048
+  assert compare.retrieval_accuracy(results, 1024) is None
+  assert compare.retrieval_accuracy({"mqar": {"512": _row(1.0, 4)}}, 512) is None
+  # Equal counts give equal figures, whichever task holds them (ties reach the loss).
+  niah, mqar = compare.SELECTION_TASKS
+  a = {niah: {"1": _row(3 / 30, 30)}, mqar: {"1": _row(0, 10)}}
+  b = {niah: {"1": _row(1 / 10, 10)}, mqar: {"1": _row(2 / 30, 30)}}
+  assert compare.retrieval_accuracy(a, 1) == compare.retrieval_accuracy(b, 1) == 3 / 40
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_assemble_keeps_higher_retrieval_accuracy_not_lower_loss(tmp_path, order):
+  # The H100 case: lr 2e-3 had the lower held-out loss but never learned recall.
+  low_loss = _entry(2e-3, 0.99, (0.0, 64), (0.12, 384), retrieval_acc=0.12)
+  recall = _entry(1e-3, 1.07, (0.0, 64), (0.90, 384), retrieval_acc=0.90)
+  kept = _assemble(tmp_path, *[low_loss, recall][::order])
+  assert kept["lr"] == 1e-3
+  assert [(r["lr"], r["retrieval_acc"]) for r in kept["sweep"]] == [(1e-3, 0.90), (2e-3, 0.12)]
+  table = open(tmp_path / "merged" / "compare.md").read()
+  assert "| ssa_bounds | 0.001 (0.001: acc 0.90, loss 1.070; 0.002: acc 0.12, loss 0.990) |" in (
+    table
+  )
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_assemble_breaks_accuracy_ties_by_loss(tmp_path, order):
+  worse = _entry(1e-3, 1.10, (0.0, 64), (0.5, 384), retrieval_acc=0.5)
+  better = _entry(3e-3, 1.00, (0.0, 64), (0.5, 384), retrieval_acc=0.5)
+  assert _assemble(tmp_path, *[worse, better][::order])["lr"] == 3e-3
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_assemble_never_keeps_a_diverged_or_unmeasured_rate_over_a_measured_one(tmp_path, order):
+  diverged = _entry(1e-2, float("inf"), (0.0, 64), (0.0, 384), retrieval_acc=None)
+  diverged["results"] = {}
+  unmeasured = _entry(3e-3, 0.5, (0.0, 0), (0.0, 0), retrieval_acc=None)
+  zero = _entry(1e-3, 1.5, (0.0, 64), (0.0, 384), retrieval_acc=0.0)
+  assert _assemble(tmp_path, *[diverged, zero][::order])["lr"] == 1e-3
+  assert _assemble(tmp_path, *[unmeasured, zero][::order])["lr"] == 1e-3
+  assert _assemble(tmp_path, *[diverged, unmeasured][::order])["lr"] == 3e-3
+  table = open(tmp_path / "merged" / "compare.md").read()
+  assert "0.003: acc -, loss 0.500; 0.01: diverged" in table
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_assemble_computes_missing_accuracy_from_results(tmp_path, order):
+  # Older files: no retrieval_acc; pooled from the entry's own results at train_len
+  # (lr 3e-3: (16 + 0) / 64 = 0.25; lr 1e-3: (0 + 96) / 448 = 0.214; lower loss too).
+  older_a = _entry(3e-3, 1.2, (0.25, 64), (0.0, 384), train_len=512)
+  older_b = _entry(1e-3, 1.0, (0.0, 64), (0.25, 384), train_len=512)
+  older_a["results"]["mqar (train format)"] = {"2048": _row(1.0, 384)}  # 4x: not selected on
+  kept = _assemble(tmp_path, *[older_a, older_b][::order])
+  assert kept["lr"] == 3e-3
+  assert {r["lr"]: r["retrieval_acc"] for r in kept["sweep"]} == {3e-3: 0.25, 1e-3: 96 / 448}
+  # A recorded figure is used as it is, not recomputed from the results.
+  recorded = _entry(1e-2, 1.3, (0.0, 64), (0.0, 384), train_len=512, retrieval_acc=0.3)
+  assert _assemble(tmp_path, *[older_a, recorded][::order])["lr"] == 1e-2
+
+
+def test_assemble_real_h100_comparisons(tmp_path):
+  """The committed H100 results (older files, one rate each): the kept entries differ from
+  what the held-out loss kept for ssa_bounds and sliding."""
+  results = os.path.join(REPO, "experiments", "results")
+  paths = [
+    os.path.join(results, "compare_h100", "compare.json"),  # lr 3e-3, MQAR about 0.1
+    os.path.join(results, "compare_h100_curriculum", "steps200", "compare.json"),
+    os.path.join(results, "compare_h100_curriculum", "tile1_kernels", "compare.json"),
+  ]
+  parts = [json.load(open(p))["mechanisms"] for p in paths]
+  merged = compare.assemble(paths, str(tmp_path), log=_quiet)["mechanisms"]
+  assert set(merged) == set(parts[0]) | set(parts[1]) | set(parts[2])
+  loss = lambda e: e["sweep"][0]["val_loss"]  # noqa: E731
+  # ssa_bounds: tile1_kernels (MQAR 345 of 384, NIAH 0 of 64) over compare_h100's lower loss.
+  assert loss(parts[0]["ssa_bounds"]) < loss(parts[2]["ssa_bounds"])
+  assert merged["ssa_bounds"]["results"] == parts[2]["ssa_bounds"]["results"]
+  assert merged["ssa_bounds"]["lr"] == 1e-3
+  kept = [r for r in merged["ssa_bounds"]["sweep"] if r["val_loss"] == loss(parts[2]["ssa_bounds"])]
+  assert kept[0]["retrieval_acc"] == pytest.approx(345 / 448)
+  # sliding: steps200 (MQAR 74 of 384) over compare_h100 (39 of 384, lower loss).
+  assert loss(parts[0]["sliding"]) < loss(parts[1]["sliding"])
+  assert merged["sliding"]["results"] == parts[1]["sliding"]["results"]
+  # ssa_mean only in the first two: steps200's MQAR 51 of 384 over 38 of 384.
+  assert merged["ssa_mean"]["results"] == parts[1]["ssa_mean"]["results"]
+  assert "0.001: acc 0.77, loss 1.062" in open(tmp_path / "compare.md").read()
