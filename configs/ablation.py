@@ -4,8 +4,9 @@
   ... kind=dense | sliding | block_topk | indexer, or mix=4 (SSA with every 4th layer dense)
   ... summary=bounds (SSA / block_topk route by min/max bounds), yarn (evaluate beyond the
   training length with YaRN-scaled RoPE; training unchanged), steps=N (4096-token steps,
-  default 2000; 1 with smoke), short=N, short_steps=, short_batch= (the first stage;
-  short=0 trains at 4096 from the start)
+  default 200; 1 with smoke), short=N, short_steps=, short_batch= (the first stage;
+  short=0 trains at 4096 from the start), short_niah= (the first stage's NIAH share, the
+  rest MQAR and 10% code), tile= (query_tile of the routed kinds, default 1)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -18,21 +19,24 @@ GPU (4.6M parameters, `batch` x 4096 tokens a step); `smoke` shrinks it for test
 What the quickstart taught (configs/quickstart.py, experiments/results/quickstart_sweep/):
 - `short_conv=4`: each attention input mixes in the 3 tokens before it, so a value's
   position carries its key and one layer can recall.
-- `query_tile=4`: a tile routes with the queries that end at its first position, so a
-  key read inside the tile cannot steer the tile's own selection; small tiles keep that
-  blind spot short. 4 queries x 4 heads a KV head = 16 rows, the GPU kernels' minimum
-  (block_topk uses the same tiles). Measured at 4K: with tiles of 4 no sparse kind kept
-  MQAR recall. `--set=model.attention.query_tile=1` (the kernels repeat heads up to 16
-  rows) took ssa_bounds to MQAR 0.90 at 4K, dense 0.77 on the same recipe.
+- `query_tile=1`: a tile of Q > 1 routes with the queries that end at its first
+  position, so a key read inside the tile cannot steer the tile's own selection. Measured
+  at 4K (experiments/results/compare_h100_tile1/): with tiles of 4 no sparse kind kept
+  MQAR recall; with tiles of 1 (the GPU kernels repeat each KV head's 4 query heads up to
+  their 16-row minimum) ssa_bounds reaches MQAR 0.90, dense 0.77 on the same recipe.
 - `beam=16`: a beam of 4 levelled off below 90% recall.
 The data: the quickstart's MQAR (45%), the `ruler` source (25%: the RULER families of the
 evaluation, built at the training length from the training split), the training-format
 NIAH with 8-character keys (15%) and code (15%); answer tokens weigh 5x in the loss.
+No mechanism learns that NIAH here (dense included); at 512 tokens with half the batch
+NIAH, 4-character keys were learned by step 1,600 (0.8 a token) and 8-character ones not
+in 2,000 steps (`short_niah=0.5`, `--config.data.niah.uuid_chars=4`).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
 4096 from the start, or at 512 with lr 3e-3 or 5e-3, no mechanism (dense included) left
-chance on MQAR; at 512 with lr 1e-3 every mechanism passes 0.75 by step 600.
+chance on MQAR; at 512 with lr 1e-3 every mechanism passes 0.75 by step 600, with 5e-4
+by step 800, with 2e-3 only the indexer (by step 1,000). Then 200 steps of 16 x 4096.
 """
 
 from subq_jax.experiment import default_config, parse_arg
@@ -50,13 +54,15 @@ def get_config(arg=None):
     short=512,
     short_steps=1200,
     short_batch=16,
+    short_niah=0.1,
+    tile=1,
     smoke=False,
   )
   c = default_config()
   m = c.model
   m.update(num_layers=6, d_model=256, num_heads=8, num_kv_heads=2, mlp_dim=768, remat="none")
   m.short_conv = 4
-  m.attention.update(kind=arg.kind, block_size=64, query_tile=4, top_k=4, fanout=8, beam=16)
+  m.attention.update(kind=arg.kind, block_size=64, query_tile=arg.tile, top_k=4, fanout=8, beam=16)
   m.attention.update(sink_blocks=1, local_blocks=1)
   m.attention.summary = arg.summary
   if arg.kind == "indexer":
@@ -72,12 +78,14 @@ def get_config(arg=None):
   c.data.mqar.update(key_alphabet="greek", layout="spread", pairs_at=0.5)
   c.train.update(batch_size=arg.batch, lr=1e-3, checkpoint_every=500, log_every=50)
   c.train.answer_weight = 5.0
-  steps = arg.steps or 2000
+  steps = arg.steps or 200
   c.train.stages = [dict(seq_len=4096, steps=steps, rope_scale=1.0)]
   if arg.short:  # curriculum: recall at a short length first, then 4096
     short = dict(seq_len=arg.short, steps=arg.short_steps, batch_size=arg.short_batch)
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
-    mixture = {"code": 0.1, "niah": 0.1, "mqar": 0.8}
+    if not 0 <= arg.short_niah <= 0.9:
+      raise ValueError(f"short_niah={arg.short_niah} must be in [0, 0.9]")
+    mixture = {"code": 0.1, "niah": arg.short_niah, "mqar": 0.9 - arg.short_niah}
     short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
     c.train.stages.insert(0, short)
   c.train.warmup_steps = min(200, sum(s["steps"] for s in c.train.stages) // 10)
