@@ -141,8 +141,7 @@ def retrieval_accuracy(results: dict, length) -> float | None:
   total = sum(r["n"] for r in rows)
   if not total:
     return None
-  # Rounding the count makes equal counts equal floats, so ties reach the loss.
-  return round(sum(r["mean"] * r["n"] for r in rows), 6) / total
+  return sum(r["mean"] * r["n"] for r in rows) / total
 
 
 def _choice_key(record: dict):

@@ -106,7 +106,8 @@ def test_comparison_trains_selects_and_tabulates(comparison):
   first_path = os.path.join(out, "first.json")
   json.dump(summary, open(first_path, "w"))
   other = json.loads(json.dumps(summary))
-  rate = {"lr": 5e-3, "val_loss": max(losses.values()) + 1.0, "retrieval_acc": 1.5}
+  assert max(accs.values()) < 0.995  # so a rate of accuracy 1.0 wins outright
+  rate = {"lr": 5e-3, "val_loss": max(losses.values()) + 1.0, "retrieval_acc": 1.0}
   other["mechanisms"] = {"dense_rope": dict(rope, lr=5e-3, sweep=[rate])}
   other_path = os.path.join(out, "other.json")
   json.dump(other, open(other_path, "w"))
@@ -301,11 +302,6 @@ def test_retrieval_accuracy_hand_worked():
   assert compare.retrieval_accuracy(results, 2048) == 1.0  # only niah at 2048
   assert compare.retrieval_accuracy(results, 1024) is None
   assert compare.retrieval_accuracy({"mqar": {"512": _row(1.0, 4)}}, 512) is None
-  # Equal counts give equal figures, whichever task holds them (ties reach the loss).
-  niah, mqar = compare.SELECTION_TASKS
-  a = {niah: {"1": _row(3 / 30, 30)}, mqar: {"1": _row(0, 10)}}
-  b = {niah: {"1": _row(1 / 10, 10)}, mqar: {"1": _row(2 / 30, 30)}}
-  assert compare.retrieval_accuracy(a, 1) == compare.retrieval_accuracy(b, 1) == 3 / 40
 
 
 @pytest.mark.parametrize("order", [1, -1])
