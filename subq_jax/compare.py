@@ -48,6 +48,7 @@ MECHANISMS = {
   "ssa_bounds": ("kind=ssa,summary=bounds", None),
   "dense_rope": ("kind=dense", None),
   "dense_yarn": ("kind=dense,yarn", "dense_rope"),  # same training, YaRN at evaluation
+  "ssa_yarn": ("kind=ssa,summary=bounds,yarn", "ssa_bounds"),  # likewise
   "sliding": ("kind=sliding", None),
   "block_topk": ("kind=block_topk", None),
   "indexer": ("kind=indexer", None),

@@ -290,6 +290,15 @@ def _assemble(tmp_path, *entries, name="ssa_bounds"):
   return compare.assemble(paths, str(tmp_path / "merged"), log=_quiet)["mechanisms"][name]
 
 
+@pytest.mark.parametrize("name", [n for n, (_, src) in compare.MECHANISMS.items() if src])
+def test_reused_training_differs_only_in_yarn_at_evaluation(name):
+  path = os.path.join(REPO, "configs", "ablation.py")
+  cfg = compare.build_config(path, name, 1e-3)
+  trained = compare.build_config(path, compare.MECHANISMS[name][1], 1e-3)
+  assert cfg.eval.yarn and not trained.eval.yarn
+  assert (cfg.model, cfg.data, cfg.train) == (trained.model, trained.data, trained.train)
+
+
 def test_retrieval_accuracy_hand_worked():
   results = {
     "niah (train format)": {"512": _row(0.25, 8), "2048": _row(1.0, 8)},  # 2 of 8 at 512
