@@ -3,11 +3,12 @@
   python -m experiments.train --config=configs/niah_probe.py:ladder=2-4 --workdir=runs/np
 
 The quickstart model and optimizer (configs/quickstart.py) on 90% needle-in-a-haystack, 10%
-code, 256 tokens: 4 needles `# key {key}={value}` of `chars` hex digits, queried as
-`# recall {key}=` (the key's last digits sit right before the value in both, so the short
-convolution links them as in MQAR). Variants: `kind=` (the mechanism), `chars=` (the
-final key and value length), `steps=` (steps at that length), `ladder=2-4` (first train
-`ladder_steps` steps at each of these lengths), `smoke`. Evaluated at 1x, 4x and 16x.
+code, 256 tokens: `needles` needles (default 4) `# key {key}={value}` of `chars` hex
+digits, each queried once as `# recall {key}=` (the key's last digits sit right before
+the value in both, so the short convolution links them as in MQAR). Variants: `kind=`
+(the mechanism), `chars=` (the final key and value length), `steps=` (steps at that
+length), `ladder=2-4` (first train `ladder_steps` steps at each of these lengths),
+`needles=`, `smoke`. Evaluated at 1x, 4x and 16x.
 Results: experiments/results/niah_probe_cpu/.
 """
 
@@ -16,10 +17,12 @@ from subq_jax.experiment import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, kind="ssa", chars=6, steps=700, ladder="", ladder_steps=400, smoke=False)
+  arg = parse_arg(
+    arg, kind="ssa", chars=6, steps=700, ladder="", ladder_steps=400, needles=4, smoke=False
+  )
   c = quickstart.get_config(f"kind={arg.kind}" + (",smoke" if arg.smoke else ""))
   c.data.mixture = {"code": 0.1, "niah": 0.9}
-  c.data.niah.update(num_needles=4, num_queries=4, uuid_chars=arg.chars)
+  c.data.niah.update(num_needles=arg.needles, num_queries=arg.needles, uuid_chars=arg.chars)
   c.data.niah.update(needle_format="\n# key {key}={value}\n", query_format="\n# recall {key}=")
   seq_len = c.train.stages[0]["seq_len"]
   stages = []

@@ -127,6 +127,30 @@ def sharded_attention(
     fn = sharding.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
     return fn(q, k, v)
 
+  hkv, g = k.shape[2], q.shape[2] // k.shape[2]
+  group = ssa_lib._kernel_group(g, config)
+  if implementation == "pallas" and group > g:  # tiles of < 16 rows: repeated heads, as
+    # ssa_attention runs them; the copies route alike and their outputs are dropped
+    rq = None if routing_q is None else ssa_lib._repeat_group(routing_q, hkv, group)
+    result = sharded_attention(
+      ssa_lib._repeat_group(q, hkv, group),
+      k,
+      v,
+      config,
+      mesh,
+      layout=layout,
+      seq_axis=seq_axis,
+      batch_axes=batch_axes,
+      routing_q=rq,
+      routing_k=routing_k,
+      scale=scale,
+      implementation=implementation,
+      return_selected=return_selected,
+    )
+    out = result[0] if return_selected else result
+    b, t, _, d = out.shape
+    out = out.reshape(b, t, hkv, group, d)[:, :, :, :g].reshape(q.shape)
+    return (out, result[1]) if return_selected else out
   routed = routing_q is not None and config.kind != "sliding"
   body = functools.partial(
     block_sparse_shard,

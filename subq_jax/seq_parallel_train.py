@@ -40,8 +40,6 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
       raise ValueError("kind='indexer' has no sequence-parallel path")
     if implementation is None:  # as ssa_attention: Pallas kernels on GPU where they fit
       implementation = ssa_lib._default_implementation(q, k, config)
-      if config.tile * (q.shape[2] // k.shape[2]) < 16:  # no repeated heads on this path
-        implementation = "xla"
     impl = "pallas" if implementation == "pallas" and config.kind != "dense" else "xla"
     return seq_parallel.sharded_attention(
       q,

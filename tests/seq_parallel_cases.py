@@ -18,6 +18,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import chex  # noqa: E402
 import jax  # noqa: E402
+import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
@@ -112,11 +113,36 @@ TRAIN_CASES = {
 }
 
 
+# name: (query_tile, sequence length). Tiles of 1 give query_tile x G = 4 rows, fewer than
+# the kernels' 16: the path repeats the heads.
+PALLAS_CASES = {"pallas_ssa_striped_seq2": (None, 256), "pallas_ssa_tile1_striped_seq2": (1, 128)}
+
+
+def _pallas_operands(closed) -> list[tuple[int, ...]]:
+  """Shapes of every pallas_call operand in a jaxpr, its sub-jaxprs included."""
+  shapes = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        shapes.extend(tuple(x.aval.shape) for x in eqn.invars)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(closed.jaxpr)
+  return shapes
+
+
 def run_pallas_case(name: str = "pallas_ssa_striped_seq2"):
   """The Pallas path (interpreted on CPU), whose ring backward takes each step's share
   from the merged softmax statistics instead of differentiating the step."""
-  config = SSAConfig(kind="ssa", block_size=16, top_k=3, fanout=4, beam=2)
-  b, t, hq, hkv, d = 1, 256, 4, 1, 16  # Pallas shapes: rows = query_tile x G >= 16
+  tile, t = PALLAS_CASES[name]
+  config = SSAConfig(kind="ssa", block_size=16, query_tile=tile, top_k=3, fanout=4, beam=2)
+  b, hq, hkv, d = 1, 4, 1, 16
   q, k, v, _ = inputs(3, b, t, hq, hkv, d, jnp.float32)
   mesh = sharding.make_mesh(sharding.MeshConfig(seq=2), jax.devices()[:2])
   perm = sharding.layout_permutation(t, 2, config.block_size, "striped")
@@ -131,6 +157,12 @@ def run_pallas_case(name: str = "pallas_ssa_striped_seq2"):
     return out[:, inv]
 
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+  # The interpreter takes tiles of any height, so check what the GPU needs: every kernel's
+  # query operands [b, t, kv_heads, heads, d] hold at least 16 rows per tile.
+  rows = {
+    s[3] * config.tile for s in _pallas_operands(jax.make_jaxpr(sharded)(q, k, v)) if len(s) == 5
+  }
+  assert rows and min(rows) >= 16, f"{name}: kernel tiles of {sorted(rows)} rows"
   chex.assert_trees_all_close(jax.jit(sharded)(q, k, v), single(q, k, v), **TOL[jnp.float32])
   grads_1 = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
   grads_p = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
@@ -205,7 +237,7 @@ def run_train_step(name: str):
 
 if __name__ == "__main__":
   assert jax.device_count() >= 8, jax.devices()
-  for case in sys.argv[1:] or [*CASES, *TRAIN_CASES, "pallas_ssa_striped_seq2"]:
+  for case in sys.argv[1:] or [*CASES, *TRAIN_CASES, *PALLAS_CASES]:
     if case in TRAIN_CASES:
       run_train_step(case)
     elif case.startswith("pallas"):

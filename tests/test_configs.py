@@ -67,11 +67,15 @@ def test_variants_are_checked():
 
 def test_ablation_first_stage_niah_share_and_tile():
   module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
-  cfg = resolve(module.get_config("short_niah=0.5,tile=2"))
+  cfg = resolve(module.get_config("short_niah=0.5,short_chars=4,tile=2"))
   first = cfg.train.stages[0]
   assert first.data["mixture"] == pytest.approx({"code": 0.1, "niah": 0.5, "mqar": 0.4})
+  assert train_lib.stage_data_config(cfg, 0).niah.uuid_chars == 4
+  assert train_lib.stage_data_config(cfg, 1).niah.uuid_chars == cfg.data.niah.uuid_chars == 8
   assert cfg.train.stages[-1].data is None  # the 4096 stage keeps the full mixture
   assert cfg.model.attention.query_tile == 2
   assert resolve(module.get_config()).model.attention.query_tile == 1
   with pytest.raises(ValueError, match=r"short_niah=0.95 must be in \[0, 0.9\]"):
     module.get_config("short_niah=0.95")
+  with pytest.raises(ValueError, match=r"stages\[0\].*uuid_chars=40 must be in \[1, 36\]"):
+    train_lib.stage_data_config(resolve(module.get_config("short_chars=40")), 0)

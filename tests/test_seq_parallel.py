@@ -180,6 +180,7 @@ CASE_GROUPS = {
     "dense_zigzag_seq4_data2",
     "dense_contiguous_seq2_bf16",
     "train_step_data2_seq4",
+    "pallas_ssa_tile1_striped_seq2",
   ],
 }
 
