@@ -8,22 +8,43 @@ digits, each queried once as `# recall {key}=` (the key's last digits sit right 
 the value in both, so the short convolution links them as in MQAR). Variants: `kind=`
 (the mechanism), `chars=` (the final key and value length), `steps=` (steps at that
 length), `ladder=2-4` (first train `ladder_steps` steps at each of these lengths),
-`needles=`, `smoke`. Evaluated at 1x, 4x and 16x.
+`needles=`, `format=eq|adjacent` (below), `alphabet=greek` (keys of Greek letters, never in
+the code; values stay hex), `smoke`. Evaluated at 1x, 4x and 16x.
 Results: experiments/results/niah_probe_cpu/.
 """
 
 from configs import quickstart
 from subq_jax.experiment import parse_arg
 
+# needle, query: `eq` puts '=' between key and value; `adjacent` is MQAR's layout (the
+# value right after the key, no words around the query's key).
+FORMATS = {
+  "eq": ("\n# key {key}={value}\n", "\n# recall {key}="),
+  "adjacent": ("\n# {key}{value}\n", "\n# {key}"),
+}
+
 
 def get_config(arg=None):
   arg = parse_arg(
-    arg, kind="ssa", chars=6, steps=700, ladder="", ladder_steps=400, needles=4, smoke=False
+    arg,
+    kind="ssa",
+    chars=6,
+    steps=700,
+    ladder="",
+    ladder_steps=400,
+    needles=4,
+    format="eq",
+    alphabet="uuid",
+    smoke=False,
   )
   c = quickstart.get_config(f"kind={arg.kind}" + (",smoke" if arg.smoke else ""))
   c.data.mixture = {"code": 0.1, "niah": 0.9}
   c.data.niah.update(num_needles=arg.needles, num_queries=arg.needles, uuid_chars=arg.chars)
-  c.data.niah.update(needle_format="\n# key {key}={value}\n", query_format="\n# recall {key}=")
+  c.data.niah.key_alphabet = arg.alphabet
+  if arg.format not in FORMATS:
+    raise ValueError(f"format={arg.format!r} is not one of {tuple(FORMATS)}")
+  needle, query = FORMATS[arg.format]
+  c.data.niah.update(needle_format=needle, query_format=query)
   seq_len = c.train.stages[0]["seq_len"]
   stages = []
   for chars in filter(None, arg.ladder.split("-")):

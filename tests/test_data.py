@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,23 @@ def test_niah_answers_are_the_needle_values():
     assert text.count(f"holds {value}\n") == 1  # the needle carrying this value
     key = text[text.index(f"holds {value}") - 37 : text.index(f"holds {value}") - 1]
     assert f"recall {key} -> {value}" in text
+
+
+def test_niah_greek_keys():
+  cfg = tasks.NIAHConfig(num_needles=6, num_queries=6, uuid_chars=2, key_alphabet="greek")
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  s = tasks.niah(np.random.default_rng(5), TOK, stream, 400, cfg)
+  text = TOK.decode(s.tokens)
+  needles = re.findall(r"# key (\S+) holds (\S+)\n", text)
+  assert len(needles) == 6 and len({k for k, _ in needles}) == 6
+  for key, value in needles:
+    assert len(key) == 2 and set(key) <= set(tasks.KEY_ALPHABETS["greek"]) and len(value) == 2
+    assert text.count(f"recall {key} -> {value}") == 1  # every needle asked once
+  assert s.answer_mask.sum() == len(TOK.encode("".join(v for _, v in needles)))
+  with pytest.raises(ValueError, match="niah.key_alphabet='cyrillic' is not one of"):
+    tasks.NIAHConfig(key_alphabet="cyrillic")
+  with pytest.raises(ValueError, match="num_needles=30 distinct keys do not exist"):
+    tasks.NIAHConfig(num_needles=30, num_queries=1, uuid_chars=1, key_alphabet="greek")
 
 
 def test_mqar_answers_match_pairs():

@@ -6,7 +6,8 @@ the code corpus, so the tasks sit inside real text. The evaluation issue adds th
 families here.
 
 - `niah`: needle in a haystack. `num_needles` lines "# key <K> holds <V>" at random depths
-  (K, V random UUIDs, optionally cut to `uuid_chars` hex digits), then at the end
+  (K, V random UUIDs, optionally cut to `uuid_chars` hex digits; or K of `uuid_chars`
+  letters of a `key_alphabet`), then at the end
   `num_queries` lines "# recall <K> -> <V>"; the answer is V.
 - `mqar`: multi-query associative recall (Zoology): "k:v" pairs, then the keys in another
   order, each followed by its value; the answer is every queried value. Packed between
@@ -31,6 +32,9 @@ class NIAHConfig:
   num_needles: int = 4
   num_queries: int = 2
   uuid_chars: int = 36  # 36 = the full UUID text; fewer = that many hex digits
+  # "uuid": keys like values; else one of KEY_ALPHABETS (`uuid_chars` letters, distinct
+  # keys): `greek` letters never occur in the code haystack, as MQAR's keys.
+  key_alphabet: str = "uuid"
   needle_format: str = "\n# key {key} holds {value}\n"
   query_format: str = "\n# recall {key} -> "  # the answer (the value) follows
 
@@ -41,6 +45,16 @@ class NIAHConfig:
       )
     if not 1 <= self.uuid_chars <= 36:
       raise ValueError(f"niah.uuid_chars={self.uuid_chars} must be in [1, 36]")
+    if self.key_alphabet != "uuid" and self.key_alphabet not in KEY_ALPHABETS:
+      raise ValueError(
+        f"niah.key_alphabet={self.key_alphabet!r} is not one of {('uuid', *KEY_ALPHABETS)}"
+      )
+    if self.key_alphabet != "uuid":
+      if self.num_needles > len(KEY_ALPHABETS[self.key_alphabet]) ** self.uuid_chars:
+        raise ValueError(
+          f"niah.num_needles={self.num_needles} distinct keys do not exist with "
+          f"niah.uuid_chars={self.uuid_chars} letters of {self.key_alphabet!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +131,13 @@ def _fit(sample: Sample, length: int, what: str) -> Sample:
 def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> Sample:
   """Needles at random (or given, in [0, 1]) depths of a code haystack; queries at the end."""
   enc = tokenizer.encode
-  keys = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
+  if cfg.key_alphabet == "uuid":
+    keys = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
+  else:
+    letters, keys = KEY_ALPHABETS[cfg.key_alphabet], []
+    while len(keys) < cfg.num_needles:  # distinct keys
+      key = "".join(letters[i] for i in rng.integers(0, len(letters), size=cfg.uuid_chars))
+      keys += [key] if key not in keys else []
   values = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
   needles = [
     enc(cfg.needle_format.format(key=k, value=v)) for k, v in zip(keys, values, strict=True)
