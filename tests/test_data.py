@@ -71,16 +71,21 @@ def test_niah_answers_are_the_needle_values():
 
 
 def test_niah_greek_keys():
-  cfg = tasks.NIAHConfig(num_needles=6, num_queries=6, uuid_chars=2, key_alphabet="greek")
+  cfg = tasks.NIAHConfig(
+    num_needles=6, num_queries=6, uuid_chars=2, key_alphabet="greek", value_alphabet="digits"
+  )
   stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
   s = tasks.niah(np.random.default_rng(5), TOK, stream, 400, cfg)
   text = TOK.decode(s.tokens)
   needles = re.findall(r"# key (\S+) holds (\S+)\n", text)
   assert len(needles) == 6 and len({k for k, _ in needles}) == 6
   for key, value in needles:
-    assert len(key) == 2 and set(key) <= set(tasks.KEY_ALPHABETS["greek"]) and len(value) == 2
+    assert len(key) == 2 and set(key) <= set(tasks.KEY_ALPHABETS["greek"])
+    assert len(value) == 2 and value.isdigit()
     assert text.count(f"recall {key} -> {value}") == 1  # every needle asked once
   assert s.answer_mask.sum() == len(TOK.encode("".join(v for _, v in needles)))
+  with pytest.raises(ValueError, match="niah.value_alphabet='hex' is not one of"):
+    tasks.NIAHConfig(value_alphabet="hex")
   with pytest.raises(ValueError, match="niah.key_alphabet='cyrillic' is not one of"):
     tasks.NIAHConfig(key_alphabet="cyrillic")
   with pytest.raises(ValueError, match="num_needles=30 distinct keys do not exist"):

@@ -35,6 +35,7 @@ class NIAHConfig:
   # "uuid": keys like values; else one of KEY_ALPHABETS (`uuid_chars` letters, distinct
   # keys): `greek` letters never occur in the code haystack, as MQAR's keys.
   key_alphabet: str = "uuid"
+  value_alphabet: str = "uuid"  # or "digits": `uuid_chars` decimal digits (RULER's numbers)
   needle_format: str = "\n# key {key} holds {value}\n"
   query_format: str = "\n# recall {key} -> "  # the answer (the value) follows
 
@@ -48,6 +49,10 @@ class NIAHConfig:
     if self.key_alphabet != "uuid" and self.key_alphabet not in KEY_ALPHABETS:
       raise ValueError(
         f"niah.key_alphabet={self.key_alphabet!r} is not one of {('uuid', *KEY_ALPHABETS)}"
+      )
+    if self.value_alphabet not in ("uuid", "digits"):
+      raise ValueError(
+        f"niah.value_alphabet={self.value_alphabet!r} is not one of ('uuid', 'digits')"
       )
     if self.key_alphabet != "uuid":
       if self.num_needles > len(KEY_ALPHABETS[self.key_alphabet]) ** self.uuid_chars:
@@ -138,7 +143,10 @@ def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> S
     while len(keys) < cfg.num_needles:  # distinct keys
       key = "".join(letters[i] for i in rng.integers(0, len(letters), size=cfg.uuid_chars))
       keys += [key] if key not in keys else []
-  values = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
+  if cfg.value_alphabet == "digits":
+    values = ["".join(map(str, rng.integers(0, 10, cfg.uuid_chars))) for _ in keys]
+  else:
+    values = [random_uuid(rng, cfg.uuid_chars) for _ in range(cfg.num_needles)]
   needles = [
     enc(cfg.needle_format.format(key=k, value=v)) for k, v in zip(keys, values, strict=True)
   ]
