@@ -13,8 +13,9 @@ CPU smoke run (minutes):
 
 A device command runs at most 10 minutes: run one mechanism (or one rate) per command
 (`--mechanisms=ssa_mean --lrs=1e-3`; dense_rope,dense_yarn share one training, as do
-ssa_bounds,ssa_yarn), keep each
-compare.json, then merge them on any machine (per mechanism the best rate by the same rule):
+ssa_bounds,ssa_yarn), keep each compare.json, then merge them on any machine (per
+mechanism the best rate by the same rule; one run evaluated at other lengths in another
+invocation, e.g. `--multipliers=16` reusing it, is joined):
   python -m experiments.compare_mechanisms --out_dir=experiments/results/compare \
       --assemble=a/compare.json,b/compare.json,...
 

@@ -317,7 +317,8 @@ def assemble(paths, out_dir: str, log=print) -> dict:
   """Merges compare.json files of separate invocations (e.g. one mechanism or one learning
   rate per device command) into one comparison: per mechanism the sweeps are joined and
   the entry whose chosen rate is best by `_choice_key` is kept (the highest retrieval
-  accuracy at the training length, ties to the lower held-out loss). An entry from an
+  accuracy at the training length, ties to the lower held-out loss); entries of the same
+  run (the chosen rate's sweep record equal) evaluated at other lengths are joined. An entry from an
   older compare.json, whose sweep has no `retrieval_acc`, gets it from its own `results`
   at its `train_len` (the same samples it reports; see the module docstring). Writes
   compare.{json,md} and the PNGs to `out_dir`."""
@@ -335,11 +336,26 @@ def assemble(paths, out_dir: str, log=print) -> dict:
       sweep = (have["sweep"] if have else []) + [
         r for r in entry["sweep"] if not have or r not in have["sweep"]
       ]
-      if have is None or _choice_key(chosen) < _choice_key(chosen_of[name]):
+      if have is not None and chosen == chosen_of[name]:  # the same run, other lengths
+        merged["mechanisms"][name] = _merge_lengths(have, entry, path)
+      elif have is None or _choice_key(chosen) < _choice_key(chosen_of[name]):
         merged["mechanisms"][name], chosen_of[name] = entry, chosen
       merged["mechanisms"][name]["sweep"] = sorted(sweep, key=lambda r: r["lr"])
   os.makedirs(out_dir, exist_ok=True)
   return _write(merged, out_dir, log)
+
+
+def _merge_lengths(have: dict, entry: dict, path: str) -> dict:
+  """One mechanism's entries of the same training run (equal chosen sweep records: the
+  run was reused) evaluated at different lengths: their results joined."""
+  results = {t: dict(by) for t, by in have["results"].items()}
+  for task, by in entry["results"].items():
+    for n, r in by.items():
+      if n in results.get(task, {}) and results[task][n] != r:
+        raise ValueError(f"{path}: {task} at {n} tokens differs from an earlier file's")
+      results.setdefault(task, {})[n] = r
+  walls = [e.get("eval_wall_s") for e in (have, entry)]
+  return dict(have, results=results, eval_wall_s=sum(w for w in walls if w))
 
 
 def _write(summary: dict, out_dir: str, log) -> dict:
@@ -401,8 +417,11 @@ def comparison_table(summary: dict) -> str:
     lines += ["", f"**{n} tokens ({n / train_len:g}x the training length)**", ""]
     lines.append("| task | " + " | ".join(names) + " |")
     lines.append("|" + " --- |" * (len(names) + 1))
+    ran = {m: any(str(n) in by for by in mechs[m]["results"].values()) for m in names}
     for t in tasks:
-      row = [_fmt(mechs[m]["results"].get(t, {}).get(str(n))) for m in names]
+      row = [
+        _fmt(mechs[m]["results"].get(t, {}).get(str(n))) if ran[m] else "not run" for m in names
+      ]
       lines.append(f"| {t} | " + " | ".join(row) + " |")
   lines += ["", "Blank: the task's fixed text does not fit that length (skipped)."]
   return "\n".join(lines)

@@ -348,6 +348,41 @@ def test_assemble_never_keeps_a_diverged_or_unmeasured_rate_over_a_measured_one(
 
 
 @pytest.mark.parametrize("order", [1, -1])
+def test_assemble_joins_lengths_of_the_same_run(tmp_path, order):
+  # One run evaluated at 1x in one invocation and at 4x in another (reused, so its sweep
+  # record is equal): the lengths are joined. Another run at the same rate (another
+  # record) is a competing entry, not joined.
+  at_1x = _entry(1e-3, 1.07, (0.0, 64), (0.82, 384), retrieval_acc=0.7, train_wall_s=328.0)
+  at_4x = _entry(1e-3, 1.07, (0.0, 64), (0.26, 384), retrieval_acc=0.7, train_wall_s=328.0)
+  at_4x["results"] = {t: {"16384": by["4096"]} for t, by in at_4x["results"].items()}
+  at_1x["eval_wall_s"], at_4x["eval_wall_s"] = 30.0, 60.0
+  kept = _assemble(tmp_path, *[at_1x, at_4x][::order])
+  assert kept["results"]["mqar (train format)"] == {
+    "4096": _row(0.82, 384),
+    "16384": _row(0.26, 384),
+  }
+  assert kept["eval_wall_s"] == 90.0 and kept["sweep"] == at_1x["sweep"]
+  table = open(tmp_path / "merged" / "compare.md").read()
+  assert "| mqar (train format) | 0.26 [0.00, 1.00] n=384 |" in table
+  other = _entry(1e-3, 1.05, (0.0, 64), (0.5, 384), retrieval_acc=0.5, train_wall_s=300.0)
+  assert "16384" not in _assemble(tmp_path, *[at_1x, other][::order])["results"]["niah_single_1"]
+  # The same cell twice with other figures is an error, not a silent choice.
+  clash = json.loads(json.dumps(at_1x))
+  clash["results"]["mqar (train format)"]["4096"]["mean"] = 0.5
+  with pytest.raises(ValueError, match="mqar \\(train format\\) at 4096 tokens differs"):
+    _assemble(tmp_path, at_1x, clash)
+
+
+def test_comparison_table_marks_lengths_a_mechanism_was_not_run_at():
+  full = _entry(1e-3, 1.0, (0.0, 64), (0.9, 384))
+  full["results"]["mqar (train format)"]["16384"] = _row(0.3, 384)
+  short = _entry(1e-3, 1.0, (0.0, 64), (0.8, 384))
+  table = compare.comparison_table({"mechanisms": {"ssa_yarn": full, "indexer": short}})
+  assert "| mqar (train format) | 0.30 [0.00, 1.00] n=384 | not run |" in table
+  assert "| niah_single_1 | 1.00 [0.00, 1.00] n=8 | 1.00 [0.00, 1.00] n=8 |" in table
+
+
+@pytest.mark.parametrize("order", [1, -1])
 def test_assemble_computes_missing_accuracy_from_results(tmp_path, order):
   # Older files: no retrieval_acc; pooled from the entry's own results at train_len
   # (lr 3e-3: (16 + 0) / 64 = 0.25; lr 1e-3: (0 + 96) / 448 = 0.214; lower loss too).

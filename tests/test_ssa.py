@@ -104,7 +104,7 @@ def test_indexer_loss_trains_only_the_indexer(monkeypatch):
   also when the selector runs several padded query chunks."""
   import subq_jax.ssa as ssa_lib
 
-  monkeypatch.setattr(ssa_lib, "CHUNK_ELEMENTS", 2 * 90 * 2 * 32)  # 32-query chunks
+  monkeypatch.setattr(ssa_lib, "INDEXER_CHUNK_ELEMENTS", 2 * 90 * 4 * 32)  # 32-query chunks
   config = SSAConfig(kind="indexer", indexer_heads=2, indexer_dim=8, **SMALL)
   t = 90
   q, k, v = _qkv(21, 2, t, 4, 2, 16)

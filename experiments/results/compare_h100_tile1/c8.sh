@@ -1,18 +1,20 @@
 #!/bin/bash
 # Lanes of comparison runs. RUNS: space-separated lanes; a lane is '+'-joined runs
-# 'name:mechanisms:variant:lr:mults'. Results tarred to $OUT (checkpoints excluded).
+# 'name:mechanisms:variant:lr:mults[:tasks(;-separated):num_samples]'; a run of the same name
+# is reused, each spec's compare.json kept as compare_<mults>.json. Results tarred to $OUT (checkpoints excluded).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 T0=$SECONDS; D=/tmp/c8_$TAG; mkdir -p $D; TMO=${TMO:-570}
 for lane in $RUNS; do
   (
   for spec in ${lane//+/ }; do
-    IFS=: read -r n mech var lr mults <<< "$spec"
+    IFS=: read -r n mech var lr mults tasks ns <<< "$spec"
     left=$(( TMO - (SECONDS - T0) )); [ $left -lt 60 ] && { echo "$n skipped" >> $D/done.txt; continue; }
     timeout $left python3 -m experiments.compare_mechanisms --out_dir=$D/$n --mechanisms=$mech \
-      --variant=$var --lrs=$lr --multipliers=$mults --depths=0,0.5,1 --num_samples=${NS:-8} \
+      --variant=$var --lrs=$lr --multipliers=$mults --depths=0,0.5,1 --num_samples=${ns:-${NS:-8}} ${tasks:+--tasks=${tasks//;/,}} \
       --retrieval_samples=16 --batch_size=8 > $D/$n.log 2>&1
-    echo "$n rc=$? at $((SECONDS-T0)) s" >> $D/done.txt
+    echo "$n ($mults) rc=$? at $((SECONDS-T0)) s" >> $D/done.txt
+    cp $D/$n/compare.json $D/$n/compare_${mults//,/_}.json 2>/dev/null; cp $D/$n.log $D/${n}_${mults//,/_}.log
   done
   ) &
 done
