@@ -7,9 +7,12 @@ Run from the repository root: python <this file> [batch] [length] [fwd]; `fwd` t
 forward only (the library's indexer against chunk and selection variants). The variants
 copy ssa._indexer's body as of session 8 (results: README.md here)."""
 
-import functools, sys, time
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
+
 from subq_jax import ssa
 from subq_jax.config import SSAConfig
 
@@ -171,7 +174,7 @@ for name, fn in (
       jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32)))
       / (float(jnp.max(jnp.abs(c.astype(jnp.float32)))) + 1e-9)
     )
-    for a, c in zip(r[1], base[1])
+    for a, c in zip(r[1], base[1], strict=True)
   )
   print(
     f"{name:28s} {ms:8.1f} ms/step  {b * t / ms * 1e3:9.0f} tok/s (one layer)  "
