@@ -9,7 +9,8 @@ the value in both, so the short convolution links them as in MQAR). Variants: `k
 (the mechanism), `chars=` (the final key and value length), `steps=` (steps at that
 length), `ladder=2-4` (first train `ladder_steps` steps at each of these lengths),
 `needles=`, `format=eq|adjacent` (below), `alphabet=greek` (keys of Greek letters, never
-in the code), `value_alphabet=digits` (decimal values), `smoke`. Evaluated at 1x, 4x, 16x.
+in the code), `value_alphabet=digits` (decimal values), `together` (the needles one after
+another at one depth, as MQAR's pairs), `smoke`. Evaluated at 1x, 4x, 16x.
 Results: experiments/results/niah_probe_cpu/.
 """
 
@@ -36,12 +37,14 @@ def get_config(arg=None):
     format="eq",
     alphabet="uuid",
     value_alphabet="uuid",
+    together=False,
     smoke=False,
   )
   c = quickstart.get_config(f"kind={arg.kind}" + (",smoke" if arg.smoke else ""))
   c.data.mixture = {"code": 0.1, "niah": 0.9}
   c.data.niah.update(num_needles=arg.needles, num_queries=arg.needles, uuid_chars=arg.chars)
   c.data.niah.update(key_alphabet=arg.alphabet, value_alphabet=arg.value_alphabet)
+  c.data.niah.together = arg.together
   if arg.format not in FORMATS:
     raise ValueError(f"format={arg.format!r} is not one of {tuple(FORMATS)}")
   needle, query = FORMATS[arg.format]

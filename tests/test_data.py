@@ -92,6 +92,20 @@ def test_niah_greek_keys():
     tasks.NIAHConfig(num_needles=30, num_queries=1, uuid_chars=1, key_alphabet="greek")
 
 
+def test_niah_needles_together():
+  cfg = tasks.NIAHConfig(num_needles=5, num_queries=3, uuid_chars=4, together=True)
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  text = TOK.decode(tasks.niah(np.random.default_rng(6), TOK, stream, 600, cfg).tokens)
+  block = re.search(r"(\n# key \S+ holds \S+\n){5}", text)
+  assert block is not None, text  # the five needles one after another
+  assert len(re.findall(r"# key \S+ holds \S+\n", text)) == 5
+  assert text.index("# recall") > block.end()
+  # Scattered (the default), five needles of the same seed are not all adjacent.
+  apart = dataclasses.replace(cfg, together=False)
+  text = TOK.decode(tasks.niah(np.random.default_rng(6), TOK, stream, 600, apart).tokens)
+  assert re.search(r"(\n# key \S+ holds \S+\n){5}", text) is None
+
+
 def test_mqar_answers_match_pairs():
   stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
   s = tasks.mqar(np.random.default_rng(3), TOK, stream, 400, CFG.mqar)

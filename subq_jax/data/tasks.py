@@ -38,6 +38,9 @@ class NIAHConfig:
   value_alphabet: str = "uuid"  # or "digits": `uuid_chars` decimal digits (RULER's numbers)
   needle_format: str = "\n# key {key} holds {value}\n"
   query_format: str = "\n# recall {key} -> "  # the answer (the value) follows
+  # False: each needle at its own depth (RULER); True: all of them one after another at
+  # one depth, as MQAR's block of pairs
+  together: bool = False
 
   def __post_init__(self):
     if not 1 <= self.num_queries <= self.num_needles:
@@ -163,7 +166,7 @@ def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> S
     )
   hay = code_window(rng, stream, hay_len)
   if depths is None:
-    depths = rng.random(cfg.num_needles)
+    depths = np.full(cfg.num_needles, rng.random()) if cfg.together else rng.random(cfg.num_needles)
   cuts = np.sort((np.asarray(depths, np.float64) * hay_len).astype(np.int64))
   parts, prev = [], 0
   for cut, needle in zip(cuts, needles, strict=True):
