@@ -318,10 +318,10 @@ def assemble(paths, out_dir: str, log=print) -> dict:
   rate per device command) into one comparison: per mechanism the sweeps are joined and
   the entry whose chosen rate is best by `_choice_key` is kept (the highest retrieval
   accuracy at the training length, ties to the lower held-out loss); entries of the same
-  run (the chosen rate's sweep record equal) evaluated at other lengths are joined. An entry from an
-  older compare.json, whose sweep has no `retrieval_acc`, gets it from its own `results`
-  at its `train_len` (the same samples it reports; see the module docstring). Writes
-  compare.{json,md} and the PNGs to `out_dir`."""
+  run (the chosen rate's sweep record equal) evaluated at other lengths are joined. An
+  entry from an older compare.json, whose sweep has no `retrieval_acc`, gets it from its
+  own `results` at its `train_len` (the same samples it reports; see the module
+  docstring). Writes compare.{json,md} and the PNGs to `out_dir`."""
   merged = {"mechanisms": {}, "sources": list(paths)}
   chosen_of = {}  # mechanism -> the sweep record of the kept entry's rate
   for path in paths:
