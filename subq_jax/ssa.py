@@ -51,7 +51,8 @@ __all__ = ["AttentionInfo", "SSAConfig", "select_blocks", "ssa_attention"]
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 CHUNK_ELEMENTS = 1 << 25  # f32 elements materialised per chunk by the quadratic selectors
 # The indexer's chunks: larger, fewer sequential steps (H100, 16 x 4096 tokens, forward and
-# backward of one layer: 130 ms a step against 148 ms with 1 << 25).
+# backward of one layer with the masked dense forward of session 8: 130 ms a step against
+# 148 ms with 1 << 25).
 INDEXER_CHUNK_ELEMENTS = 1 << 27
 
 
@@ -564,18 +565,15 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
 
   Every query attends to its `keys_per_query` best earlier tokens (all of them when
   fewer exist), shared by all heads. The selector is quadratic by design; it runs a
-  chunk of queries at a time so memory stays O(chunk x T). Each chunk attends densely to
-  all T keys with the unselected ones masked out: matmuls instead of a per-query gather of
-  its keys, whose backward (a scatter-add) ran the indexer 10x slower than the other
-  kinds on the H100. The scores and the selection are float32; the two attention matmuls
-  take q, k, v in their own dtype with float32 accumulation, as the kernels of the block
-  kinds do. The selection is discrete, so the attention output has no gradient
-  to the indexer; `indexer_loss` (KL of the head-summed attention to softmax(I) over the
-  selected tokens) is its training signal.
+  chunk of queries at a time so memory stays O(chunk x T). The attention itself gathers
+  each query's selected keys (`_attend_selected`). The scores and the selection are
+  float32; the attention matmuls take q, k, v in their own dtype with float32
+  accumulation, as the kernels of the block kinds do. The selection is discrete, so the
+  attention output has no gradient to the indexer; `indexer_loss` (KL of the head-summed
+  attention to softmax(I) over the selected tokens) is its training signal.
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  g = hq // hkv
   budget = min(config.keys_per_query, t)
   f32 = jnp.float32
   index_q, index_k, weights = (x.astype(f32) for x in (index_q, index_k, weights))
@@ -590,27 +588,73 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
 
   def chunk(args):
     pos, q_c, iq_c, w_c = args  # [c], [b, c, hq, d], [b, c, H_I, d_I], [b, c, H_I]
-    c = pos.shape[0]
     logits_i = jnp.einsum("bchd,bsd->bchs", iq_c, index_k[:, :, 0], precision="highest")
     score = jnp.einsum("bchs,bch->bcs", jax.nn.relu(logits_i), w_c, precision="highest")
     causal = jnp.arange(t)[None, None, :] <= pos[None, :, None]
     _, idx = jax.lax.top_k(jnp.where(causal, jax.lax.stop_gradient(score), -jnp.inf), budget)
-    # Slots past a query's causal prefix point at non-causal tokens; `causal` drops them.
-    rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
-    chosen = jnp.zeros((b, c, t), bool).at[rows_b, rows_c, idx].set(True) & causal
-    mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=f32)
-    logits = mm("bckgd,bskd->bckgs", q_c.reshape(b, c, hkv, g, d), k) * scale
-    probs = jax.nn.softmax(jnp.where(chosen[:, :, None, None], logits, -jnp.inf), axis=-1)
-    out = mm("bckgs,bskd->bckgd", probs.astype(v.dtype), v)
-    target = jax.lax.stop_gradient(probs.sum(axis=(2, 3)) / hq)  # [b, c, T]
-    kl = _kl(target, score, chosen)
-    return out.reshape(b, c, hq, d), jnp.where(pos < t, kl, 0.0)
+    # Slots past a query's causal prefix point at non-causal tokens: not valid.
+    valid = idx <= pos[None, :, None]
+    out, target = _attend_selected(q_c, k, v, idx, valid, scale)
+    target = jax.lax.stop_gradient(target)
+    kl = _kl(target, jnp.take_along_axis(score, idx, axis=-1), valid)
+    return out, jnp.where(pos < t, kl, 0.0)
 
   out, kl = jax.lax.map(jax.checkpoint(chunk), (qpos, padq(q), padq(index_q), padq(weights)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, t + pad, hq, d)[:, :t].astype(q.dtype)
   keys = jnp.minimum(jnp.arange(t) + 1, budget).astype(jnp.float32)
   loss = jnp.moveaxis(kl, 0, 1).reshape(b, -1).sum(-1) / t
   return out, AttentionInfo(None, jnp.broadcast_to(keys.sum(), (b, hkv)), loss)
+
+
+def _attend_gathered(q_c, k, v, idx, valid, scale):
+  """A chunk's queries [b, c, hq, d] attend to their selected tokens idx [b, c, S] of k, v
+  [b, T, hkv, d] (the `valid` ones): O(S) keys gathered per query. Returns the output
+  (float32) and the attention summed over heads / hq, [b, c, S]."""
+  b, c, hq, d = q_c.shape
+  hkv = k.shape[2]
+  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
+  take = jax.vmap(lambda x, i: x[i])  # [T, hkv, d], [c, S] -> [c, S, hkv, d]
+  logits = mm("bckgd,bcskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), take(k, idx))
+  probs = jax.nn.softmax(jnp.where(valid[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
+  out = mm("bckgs,bcskd->bckgd", probs.astype(v.dtype), take(v, idx))
+  return out.reshape(b, c, hq, d), probs.sum(axis=(2, 3)) / hq
+
+
+def _attend_masked_dense(q_c, k, v, idx, valid, scale):
+  """The same output as `_attend_gathered`, by attending to all T keys with the
+  unselected ones masked out: matmuls, whose backward has no scatter-add."""
+  b, c, hq, d = q_c.shape
+  hkv = k.shape[2]
+  rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
+  chosen = jnp.zeros((b, c, k.shape[1]), bool).at[rows_b, rows_c, idx].set(valid)
+  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
+  logits = mm("bckgd,bskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), k)
+  probs = jax.nn.softmax(jnp.where(chosen[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
+  return mm("bckgs,bskd->bckgd", probs.astype(v.dtype), v).reshape(b, c, hq, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend_selected(q_c, k, v, idx, valid, scale):
+  """`_attend_gathered` forward; backward through `_attend_masked_dense`. The gather's
+  own backward, a scatter-add into k and v, ran the indexer 10x slower than the other
+  kinds on the H100; the masked dense forward costs T / S times the gather's elementwise
+  work (146x at 64K tokens). The second output (the head-summed attention) has no
+  gradient: its cotangent is dropped, and the caller stops it."""
+  return _attend_gathered(q_c, k, v, idx, valid, scale)
+
+
+def _attend_selected_fwd(q_c, k, v, idx, valid, scale):
+  return _attend_gathered(q_c, k, v, idx, valid, scale), (q_c, k, v, idx, valid)
+
+
+def _attend_selected_bwd(scale, residuals, cotangents):
+  q_c, k, v, idx, valid = residuals
+  dense = lambda q_c, k, v: _attend_masked_dense(q_c, k, v, idx, valid, scale)  # noqa: E731
+  _, vjp = jax.vjp(dense, q_c, k, v)
+  return (*vjp(cotangents[0].astype(jnp.float32)), None, None)
+
+
+_attend_selected.defvjp(_attend_selected_fwd, _attend_selected_bwd)
 
 
 def _kl(target, logits, valid):
