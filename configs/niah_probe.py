@@ -10,7 +10,8 @@ the value in both, so the short convolution links them as in MQAR). Variants: `k
 length), `ladder=2-4` (first train `ladder_steps` steps at each of these lengths),
 `needles=`, `format=eq|adjacent` (below), `alphabet=greek` (keys of Greek letters, never
 in the code), `value_alphabet=digits` (decimal values), `together` (the needles one after
-another at one depth, as MQAR's pairs), `smoke`. Evaluated at 1x, 4x, 16x.
+another at one depth, as MQAR's pairs), `together_steps=` (first train that many steps with
+the needles together, then `steps` as configured), `smoke`. Evaluated at 1x, 4x, 16x.
 Results: experiments/results/niah_probe_cpu/.
 """
 
@@ -38,6 +39,7 @@ def get_config(arg=None):
     alphabet="uuid",
     value_alphabet="uuid",
     together=False,
+    together_steps=0,
     smoke=False,
   )
   c = quickstart.get_config(f"kind={arg.kind}" + (",smoke" if arg.smoke else ""))
@@ -56,6 +58,10 @@ def get_config(arg=None):
       raise ValueError(f"ladder={arg.ladder!r}: {chars} must be in [1, chars={arg.chars})")
     stages.append(
       dict(seq_len=seq_len, steps=arg.ladder_steps, data={"niah": {"uuid_chars": int(chars)}})
+    )
+  if arg.together_steps:
+    stages.append(
+      dict(seq_len=seq_len, steps=arg.together_steps, data={"niah": {"together": True}})
     )
   stages.append(dict(seq_len=seq_len, steps=1 if arg.smoke else arg.steps))
   c.train.stages = stages
