@@ -7,7 +7,9 @@
   default 200; 1 with smoke), short=N, short_steps=, short_batch= (the first stage;
   short=0 trains at 4096 from the start), short_niah= (the first stage's NIAH share, the
   rest MQAR and 10% code), short_chars= (the first stage's NIAH key and value length; 0 =
-  the 4096 stage's 8), tile= (query_tile of the routed kinds, default 1)
+  the 4096 stage's 8), short_together (the first stage's needles one after another at one
+  depth, as MQAR's pairs: learned on the CPU where scattered needles were not,
+  experiments/results/niah_probe_cpu/), tile= (query_tile of the routed kinds, default 1)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -57,6 +59,7 @@ def get_config(arg=None):
     short_batch=16,
     short_niah=0.1,
     short_chars=0,
+    short_together=False,
     tile=1,
     smoke=False,
   )
@@ -89,8 +92,11 @@ def get_config(arg=None):
       raise ValueError(f"short_niah={arg.short_niah} must be in [0, 0.9]")
     mixture = {"code": 0.1, "niah": arg.short_niah, "mqar": 0.9 - arg.short_niah}
     short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
-    if arg.short_chars:
-      short["data"]["niah"] = dict(uuid_chars=arg.short_chars)
+    niah = dict(uuid_chars=arg.short_chars) if arg.short_chars else {}
+    if arg.short_together:
+      niah["together"] = True
+    if niah:
+      short["data"]["niah"] = niah
     c.train.stages.insert(0, short)
   c.train.warmup_steps = min(200, sum(s["steps"] for s in c.train.stages) // 10)
   c.eval.update(multipliers=[1, 4, 16], num_samples=32, yarn=arg.yarn)

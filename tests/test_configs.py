@@ -75,6 +75,11 @@ def test_ablation_first_stage_niah_share_and_tile():
   assert cfg.train.stages[-1].data is None  # the 4096 stage keeps the full mixture
   assert cfg.model.attention.query_tile == 2
   assert resolve(module.get_config()).model.attention.query_tile == 1
+  assert not train_lib.stage_data_config(cfg, 0).niah.together
+  together = resolve(module.get_config("short_together=True"))
+  assert train_lib.stage_data_config(together, 0).niah.together
+  assert train_lib.stage_data_config(together, 0).niah.uuid_chars == 8
+  assert not train_lib.stage_data_config(together, 1).niah.together
   with pytest.raises(ValueError, match=r"short_niah=0.95 must be in \[0, 0.9\]"):
     module.get_config("short_niah=0.95")
   with pytest.raises(ValueError, match=r"stages\[0\].*uuid_chars=40 must be in \[1, 36\]"):
