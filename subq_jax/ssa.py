@@ -620,26 +620,13 @@ def _attend_gathered(q_c, k, v, idx, valid, scale):
   return out.reshape(b, c, hq, d), probs.sum(axis=(2, 3)) / hq
 
 
-def _attend_masked_dense(q_c, k, v, idx, valid, scale):
-  """The same output as `_attend_gathered`, by attending to all T keys with the
-  unselected ones masked out: matmuls, whose backward has no scatter-add."""
-  b, c, hq, d = q_c.shape
-  hkv = k.shape[2]
-  rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
-  chosen = jnp.zeros((b, c, k.shape[1]), bool).at[rows_b, rows_c, idx].set(valid)
-  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
-  logits = mm("bckgd,bskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), k)
-  probs = jax.nn.softmax(jnp.where(chosen[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
-  return mm("bckgs,bskd->bckgd", probs.astype(v.dtype), v).reshape(b, c, hq, d)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attend_selected(q_c, k, v, idx, valid, scale):
-  """`_attend_gathered` forward; backward through `_attend_masked_dense`. The gather's
-  own backward, a scatter-add into k and v, ran the indexer 10x slower than the other
-  kinds on the H100; the masked dense forward costs T / S times the gather's elementwise
-  work (146x at 64K tokens). The second output (the head-summed attention) has no
-  gradient: its cotangent is dropped, and the caller stops it."""
+  """`_attend_gathered`, with a backward that has no scatter-add. The gather's own
+  backward adds each query's S key and value gradients into k and v, and that scatter-add
+  ran the indexer 10x slower than the other kinds on the H100. The second output (the
+  head-summed attention) has no gradient: its cotangent is dropped, and the caller stops
+  it."""
   return _attend_gathered(q_c, k, v, idx, valid, scale)
 
 
@@ -648,10 +635,36 @@ def _attend_selected_fwd(q_c, k, v, idx, valid, scale):
 
 
 def _attend_selected_bwd(scale, residuals, cotangents):
+  """The attention backward on the S selected keys (probabilities recomputed), except for
+  the key and value gradients: the S per-query terms are written (a scatter with unique
+  indices: each query's selected tokens are distinct) into a [c, T] layout, zero
+  elsewhere, and reduced over the chunk's queries by a matmul: two T-wide matmuls and no
+  T-wide softmax, where differentiating the masked dense attention (session 8's path)
+  takes five and one."""
   q_c, k, v, idx, valid = residuals
-  dense = lambda q_c, k, v: _attend_masked_dense(q_c, k, v, idx, valid, scale)  # noqa: E731
-  _, vjp = jax.vjp(dense, q_c, k, v)
-  return (*vjp(cotangents[0].astype(jnp.float32)), None, None)
+  b, c, hq, d = q_c.shape
+  t, hkv = k.shape[1], k.shape[2]
+  f32 = jnp.float32
+  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=f32)
+  take = jax.vmap(lambda x, i: x[i])  # [T, hkv, d], [c, S] -> [c, S, hkv, d]
+  k_sel, v_sel = take(k, idx), take(v, idx)
+  q_g = q_c.reshape(b, c, hkv, hq // hkv, d)
+  d_out = cotangents[0].astype(f32).reshape(q_g.shape)
+  logits = mm("bckgd,bcskd->bckgs", q_g, k_sel)
+  probs = jax.nn.softmax(jnp.where(valid[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
+  d_probs = mm("bckgd,bcskd->bckgs", d_out, v_sel.astype(f32))
+  d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  dq = scale * mm("bckgs,bcskd->bckgd", d_logits, k_sel.astype(f32))
+  rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
+
+  def spread(x):  # [b, c, hkv, g, S] -> [b, c, T, hkv, g], zero off the selection
+    x = jnp.moveaxis(x, -1, 2)
+    return jnp.zeros((b, c, t, *x.shape[3:]), x.dtype).at[rows_b, rows_c, idx].set(x)
+
+  # T-wide operands in the inputs' dtype (f32 accumulation), as a flash backward's P, dS.
+  dv = mm("bctkg,bckgd->btkd", spread(probs.astype(v.dtype)), d_out.astype(v.dtype))
+  dk = scale * mm("bctkg,bckgd->btkd", spread(d_logits.astype(q_c.dtype)), q_g)
+  return dq.reshape(q_c.shape).astype(q_c.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attend_selected.defvjp(_attend_selected_fwd, _attend_selected_bwd)

@@ -1,12 +1,14 @@
 """Device micro-benchmark: the indexer kind's forward+backward at the ablation's training
 shape ([16, 4096] tokens, 8 query heads on 2 KV heads of 32, 4 index heads of 32, 448 keys):
-the library's ssa._indexer (its forward gathers each query's selected keys, session 9)
-against copies of the masked dense body it replaced (session 8): attention matmuls in the
-input dtype or float32 'highest', selection by lax.top_k + scatter or by a bit threshold,
-chunk size. Prints ms per step and the max gradient deviation from the library. Run from
+the library's ssa._indexer (session 9: the forward gathers each query's selected keys;
+the backward works on them and writes the key and value terms into the dense layout)
+against session 9's first backward (masked dense) and copies of the masked dense body of
+session 8: attention matmuls in the input dtype or float32 'highest', selection by
+lax.top_k + scatter or by a bit threshold, chunk size. Prints ms per step and the max gradient deviation from the library. Run from
 the repository root: python <this file> [batch] [length] [fwd]; `fwd` times the forward
 only (results: README.md here)."""
 
+import functools
 import sys
 import time
 
@@ -125,26 +127,58 @@ def loss(q, k, v, iq, ik, w):
   return jnp.sum(out.astype(jnp.float32) * dout) + info.indexer_loss.sum()
 
 
-orig = ssa._indexer
+def _masked_dense(q_c, k, v, idx, valid, scale):
+  """Session 9's first backward (a copy): the gathered attention's output recomputed over
+  all T keys with the unselected ones masked, and differentiated by autodiff."""
+  b, c, hq, d = q_c.shape
+  hkv = k.shape[2]
+  rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
+  chosen = jnp.zeros((b, c, k.shape[1]), bool).at[rows_b, rows_c, idx].set(valid)
+  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
+  logits = mm("bckgd,bskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), k)
+  probs = jax.nn.softmax(jnp.where(chosen[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
+  return mm("bckgs,bskd->bckgd", probs.astype(v.dtype), v).reshape(b, c, hq, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def masked_dense_backward(q_c, k, v, idx, valid, scale):
+  return ssa._attend_gathered(q_c, k, v, idx, valid, scale)
+
+
+def _mdb_fwd(q_c, k, v, idx, valid, scale):
+  return ssa._attend_gathered(q_c, k, v, idx, valid, scale), (q_c, k, v, idx, valid)
+
+
+def _mdb_bwd(scale, residuals, cotangents):
+  q_c, k, v, idx, valid = residuals
+  _, vjp = jax.vjp(lambda q_c, k, v: _masked_dense(q_c, k, v, idx, valid, scale), q_c, k, v)
+  return (*vjp(cotangents[0].astype(jnp.float32)), None, None)
+
+
+masked_dense_backward.defvjp(_mdb_fwd, _mdb_bwd)
+
+orig, orig_attend = ssa._indexer, ssa._attend_selected
 base = None
 print(jax.__version__, jax.devices()[0].device_kind, "b", b, "t", t, flush=True)
-# Session 9: the library forward gathers each query's selected keys; "masked dense chunk x4"
-# is the library as it was before that (session 8's 130 ms / 1,465 ms rows).
+# The library: gathered forward, backward on the selected keys spread into the dense layout
+# (session 9). "gathered fwd, masked dense bwd": session 9's first version (111.8 ms);
+# "masked dense chunk x4": session 8's library (130 ms); the rest older variants.
 FWD_VARIANTS = (
-  ("library (gathered forward)", orig),
-  ("masked dense chunk x4", variant(True, False, 4)),
-  ("masked dense+threshold x16", variant(True, True, 16)),
+  ("library (gathered forward)", orig, orig_attend),
+  ("masked dense chunk x4", variant(True, False, 4), orig_attend),
+  ("masked dense+threshold x16", variant(True, True, 16), orig_attend),
 )
 fwd_only = len(sys.argv) > 3 and sys.argv[3] == "fwd"
-for name, fn in (
+for name, fn, attend in (
   FWD_VARIANTS
   if fwd_only
   else (
-    ("library (gathered forward)", orig),
-    ("masked dense chunk x4", variant(True, False, 4)),
-    ("float32 masked dense x1", variant(False, False, 1)),
+    ("library", orig, orig_attend),
+    ("gathered fwd, masked dense bwd", orig, masked_dense_backward),
+    ("masked dense chunk x4", variant(True, False, 4), orig_attend),
   )
 ):
+  ssa._attend_selected = attend
   ssa._indexer = fn
   f = (
     jax.jit(lambda *a: loss(*a))
@@ -179,4 +213,4 @@ for name, fn in (
     f"loss {float(r[0]):.4g} (base {float(base[0]):.4g})  max rel grad dev {dev:.3g}",
     flush=True,
   )
-ssa._indexer = orig
+ssa._indexer, ssa._attend_selected = orig, orig_attend
