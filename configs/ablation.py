@@ -9,7 +9,7 @@
   rest MQAR and 10% code), short_chars= (the first stage's NIAH key and value length; 0 =
   the 4096 stage's 8), short_together (the first stage's needles one after another at one
   depth, as MQAR's pairs: on the CPU learned earlier than scattered needles, but a
-  together-first curriculum then stalled below them, experiments/results/niah_probe_cpu/),
+  together-first run then stalled at half the answer, experiments/results/niah_probe_cpu/),
   tile= (query_tile of the routed kinds, default 1)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
