@@ -4,9 +4,10 @@ the library's ssa._indexer (session 9: the forward gathers each query's selected
 the backward works on them and writes the key and value terms into the dense layout)
 against session 9's first backward (masked dense) and copies of the masked dense body of
 session 8: attention matmuls in the input dtype or float32 'highest', selection by
-lax.top_k + scatter or by a bit threshold, chunk size. Prints ms per step and the max gradient deviation from the library. Run from
-the repository root: python <this file> [batch] [length] [fwd]; `fwd` times the forward
-only (results: README.md here)."""
+lax.top_k + scatter or by a bit threshold, chunk size. Prints ms per step and the max
+gradient deviation from the library. Run from the repository root:
+python <this file> [batch] [length] [fwd]; `fwd` times the forward only (results:
+README.md and indexer_bench_s9.txt here)."""
 
 import functools
 import sys
