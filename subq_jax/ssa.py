@@ -606,18 +606,28 @@ def _indexer(q, k, v, config: SSAConfig, index_q, index_k, weights, scale):
   return out, AttentionInfo(None, jnp.broadcast_to(keys.sum(), (b, hkv)), loss)
 
 
-def _attend_gathered(q_c, k, v, idx, valid, scale):
+# The gathered attention's helpers: per query, its S selected rows of k or v; einsums in
+# the inputs' dtype with float32 accumulation.
+_take = jax.vmap(lambda x, i: x[i])  # [T, hkv, d], [c, S] -> [c, S, hkv, d]
+_mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
+
+
+def _gathered(q_c, k, v, idx, valid, scale):
   """A chunk's queries [b, c, hq, d] attend to their selected tokens idx [b, c, S] of k, v
   [b, T, hkv, d] (the `valid` ones): O(S) keys gathered per query. Returns the output
-  (float32) and the attention summed over heads / hq, [b, c, S]."""
+  (float32) and the attention probabilities [b, c, hkv, hq // hkv, S]."""
   b, c, hq, d = q_c.shape
   hkv = k.shape[2]
-  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=jnp.float32)
-  take = jax.vmap(lambda x, i: x[i])  # [T, hkv, d], [c, S] -> [c, S, hkv, d]
-  logits = mm("bckgd,bcskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), take(k, idx))
+  logits = _mm("bckgd,bcskd->bckgs", q_c.reshape(b, c, hkv, hq // hkv, d), _take(k, idx))
   probs = jax.nn.softmax(jnp.where(valid[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
-  out = mm("bckgs,bcskd->bckgd", probs.astype(v.dtype), take(v, idx))
-  return out.reshape(b, c, hq, d), probs.sum(axis=(2, 3)) / hq
+  out = _mm("bckgs,bcskd->bckgd", probs.astype(v.dtype), _take(v, idx))
+  return out.reshape(b, c, hq, d), probs
+
+
+def _attend_gathered(q_c, k, v, idx, valid, scale):
+  """`_gathered`'s output and its attention summed over heads / hq, [b, c, S]."""
+  out, probs = _gathered(q_c, k, v, idx, valid, scale)
+  return out, probs.sum(axis=(2, 3)) / q_c.shape[2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -631,30 +641,27 @@ def _attend_selected(q_c, k, v, idx, valid, scale):
 
 
 def _attend_selected_fwd(q_c, k, v, idx, valid, scale):
-  return _attend_gathered(q_c, k, v, idx, valid, scale), (q_c, k, v, idx, valid)
+  out, probs = _gathered(q_c, k, v, idx, valid, scale)
+  return (out, probs.sum(axis=(2, 3)) / q_c.shape[2]), (q_c, k, v, idx, probs)
 
 
 def _attend_selected_bwd(scale, residuals, cotangents):
-  """The attention backward on the S selected keys (probabilities recomputed), except for
-  the key and value gradients: the S per-query terms are written (a scatter with unique
-  indices: each query's selected tokens are distinct) into a [c, T] layout, zero
-  elsewhere, and reduced over the chunk's queries by a matmul: two T-wide matmuls and no
-  T-wide softmax, where differentiating the masked dense attention (session 8's path)
-  takes five and one."""
-  q_c, k, v, idx, valid = residuals
+  """The attention backward on the S selected keys (the forward's probabilities, zero at
+  invalid slots), except for the key and value gradients: the S per-query terms are
+  written (a scatter with unique indices: each query's selected tokens are distinct) into
+  a [c, T] layout, zero elsewhere, and reduced over the chunk's queries by a matmul: two
+  T-wide matmuls and no T-wide softmax, where differentiating the masked dense attention
+  (session 8's path) takes five and one."""
+  q_c, k, v, idx, probs = residuals
   b, c, hq, d = q_c.shape
-  t, hkv = k.shape[1], k.shape[2]
+  t = k.shape[1]
   f32 = jnp.float32
-  mm = functools.partial(jnp.einsum, precision="highest", preferred_element_type=f32)
-  take = jax.vmap(lambda x, i: x[i])  # [T, hkv, d], [c, S] -> [c, S, hkv, d]
-  k_sel, v_sel = take(k, idx), take(v, idx)
-  q_g = q_c.reshape(b, c, hkv, hq // hkv, d)
+  k_sel, v_sel = _take(k, idx), _take(v, idx)
+  q_g = q_c.reshape(b, c, k.shape[2], hq // k.shape[2], d)
   d_out = cotangents[0].astype(f32).reshape(q_g.shape)
-  logits = mm("bckgd,bcskd->bckgs", q_g, k_sel)
-  probs = jax.nn.softmax(jnp.where(valid[:, :, None, None], logits * scale, -jnp.inf), axis=-1)
-  d_probs = mm("bckgd,bcskd->bckgs", d_out, v_sel.astype(f32))
+  d_probs = _mm("bckgd,bcskd->bckgs", d_out, v_sel.astype(f32))
   d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
-  dq = scale * mm("bckgs,bcskd->bckgd", d_logits, k_sel.astype(f32))
+  dq = scale * _mm("bckgs,bcskd->bckgd", d_logits, k_sel.astype(f32))
   rows_b, rows_c = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
 
   def spread(x):  # [b, c, hkv, g, S] -> [b, c, T, hkv, g], zero off the selection
@@ -662,8 +669,8 @@ def _attend_selected_bwd(scale, residuals, cotangents):
     return jnp.zeros((b, c, t, *x.shape[3:]), x.dtype).at[rows_b, rows_c, idx].set(x)
 
   # T-wide operands in the inputs' dtype (f32 accumulation), as a flash backward's P, dS.
-  dv = mm("bctkg,bckgd->btkd", spread(probs.astype(v.dtype)), d_out.astype(v.dtype))
-  dk = scale * mm("bctkg,bckgd->btkd", spread(d_logits.astype(q_c.dtype)), q_g)
+  dv = _mm("bctkg,bckgd->btkd", spread(probs.astype(v.dtype)), d_out.astype(v.dtype))
+  dk = scale * _mm("bctkg,bckgd->btkd", spread(d_logits.astype(q_c.dtype)), q_g)
   return dq.reshape(q_c.shape).astype(q_c.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
