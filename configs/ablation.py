@@ -4,13 +4,15 @@
   ... kind=dense | sliding | block_topk | indexer, or mix=4 (SSA with every 4th layer dense)
   ... summary=bounds (SSA / block_topk route by min/max bounds), yarn (evaluate beyond the
   training length with YaRN-scaled RoPE; training unchanged), steps=N (4096-token steps,
-  default 200; 1 with smoke), short=N, short_steps=, short_batch= (the first stage;
-  short=0 trains at 4096 from the start), short_niah= (the first stage's NIAH share, the
-  rest MQAR and 10% code), short_chars= (the first stage's NIAH key and value length; 0 =
-  the 4096 stage's 8), short_together (the first stage's needles one after another at one
-  depth, as MQAR's pairs: on the CPU learned earlier than scattered needles, but a
-  together-first run then stalled at half the answer, experiments/results/niah_probe_cpu/),
-  tile= (query_tile of the routed kinds, default 1)
+  default 200; 1 with smoke), short=N, short_steps=, short_batch= (the short stage;
+  short=0 trains at 4096 from the start), short_niah= (the short stage's NIAH share, the
+  rest MQAR and 10% code), short_chars= (the short stage's NIAH key and value length;
+  empty or 0 = the 4096 stage's 8; a ladder such as `4-8` makes one short stage per
+  length, with `short_steps=2000-1500` steps each or one count for all), short_together
+  (the short stages' needles one after another at one depth, as MQAR's pairs: on the CPU
+  learned earlier than scattered needles, but a together-first run then stalled at half
+  the answer, experiments/results/niah_probe_cpu/), niah= (the 4096 stage's NIAH share,
+  default 0.15, taken from MQAR's 0.45), tile= (query_tile of the routed kinds, default 1)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -56,11 +58,12 @@ def get_config(arg=None):
     steps=0,
     batch=16,
     short=512,
-    short_steps=1200,
+    short_steps="1200",
     short_batch=16,
     short_niah=0.1,
-    short_chars=0,
+    short_chars="",
     short_together=False,
+    niah=0.15,
     tile=1,
     smoke=False,
   )
@@ -75,7 +78,9 @@ def get_config(arg=None):
     m.attention.update(indexer_heads=4, indexer_dim=32)
   if arg.mix:
     m.attention_pattern = [arg.kind] * (arg.mix - 1) + ["dense"]
-  c.data.mixture = {"code": 0.15, "niah": 0.15, "mqar": 0.45, "ruler": 0.25}
+  if not 0 <= arg.niah <= 0.6:
+    raise ValueError(f"niah={arg.niah} must be in [0, 0.6]")
+  c.data.mixture = {"code": 0.15, "niah": arg.niah, "mqar": round(0.6 - arg.niah, 6), "ruler": 0.25}
   c.data.niah.update(num_needles=4, num_queries=4, uuid_chars=8)
   # The quickstart's MQAR: one-letter Greek keys (never in the code around them), one
   # digit values, queries spread through the sequence (distance grows with the length); the
@@ -87,18 +92,28 @@ def get_config(arg=None):
   steps = arg.steps or 200
   c.train.stages = [dict(seq_len=4096, steps=steps, rope_scale=1.0)]
   if arg.short:  # curriculum: recall at a short length first, then 4096
-    short = dict(seq_len=arg.short, steps=arg.short_steps, batch_size=arg.short_batch)
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
     if not 0 <= arg.short_niah <= 0.9:
       raise ValueError(f"short_niah={arg.short_niah} must be in [0, 0.9]")
+    chars = [int(n) for n in str(arg.short_chars).split("-") if n] or [0]
+    steps_each = [int(n) for n in str(arg.short_steps).split("-")]
+    if len(steps_each) == 1:
+      steps_each *= len(chars)
+    if len(steps_each) != len(chars):
+      raise ValueError(
+        f"short_steps={arg.short_steps!r} needs one count or one per "
+        f"short_chars={arg.short_chars!r}"
+      )
     mixture = {"code": 0.1, "niah": arg.short_niah, "mqar": 0.9 - arg.short_niah}
-    short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
-    niah = dict(uuid_chars=arg.short_chars) if arg.short_chars else {}
-    if arg.short_together:
-      niah["together"] = True
-    if niah:
-      short["data"]["niah"] = niah
-    c.train.stages.insert(0, short)
+    for n, k in reversed(list(zip(chars, steps_each, strict=True))):
+      short = dict(seq_len=arg.short, steps=k, batch_size=arg.short_batch)
+      short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
+      niah = dict(uuid_chars=n) if n else {}
+      if arg.short_together:
+        niah["together"] = True
+      if niah:
+        short["data"]["niah"] = niah
+      c.train.stages.insert(0, short)
   c.train.warmup_steps = min(200, sum(s["steps"] for s in c.train.stages) // 10)
   c.eval.update(multipliers=[1, 4, 16], num_samples=32, yarn=arg.yarn)
   if arg.smoke:

@@ -13,15 +13,15 @@ CPU smoke run (minutes):
 
 A device command runs at most 10 minutes: run one mechanism (or one rate) per command
 (`--mechanisms=ssa_mean --lrs=1e-3`; dense_rope,dense_yarn share one training, as do
-ssa_bounds,ssa_yarn), keep each compare.json, then merge them on any machine (per
-mechanism the best rate by the same rule; one run evaluated at other lengths in another
-invocation, e.g. `--multipliers=16` reusing it, is joined):
+ssa_bounds,ssa_yarn and indexer,indexer_yarn), keep each compare.json, then merge them
+on any machine (per mechanism the best rate by the same rule; one run evaluated at other
+lengths in another invocation, e.g. `--multipliers=16` reusing it, is joined):
   python -m experiments.compare_mechanisms --out_dir=experiments/results/compare \
       --assemble=a/compare.json,b/compare.json,...
 
-Mechanisms: ssa_mean, ssa_bounds, dense_rope, dense_yarn and ssa_yarn (the dense and
-ssa_bounds runs, YaRN at evaluation), sliding, block_topk, indexer. Writes
-OUT_DIR/compare.{json,md}, compare_accuracy.png, compare_pairs.png, the runs under
+Mechanisms: ssa_mean, ssa_bounds, dense_rope, dense_yarn, ssa_yarn and indexer_yarn
+(the dense, ssa_bounds and indexer runs, YaRN at evaluation), sliding, block_topk,
+indexer. Writes OUT_DIR/compare.{json,md}, compare_accuracy.png, compare_pairs.png, the runs under
 OUT_DIR/runs/<mechanism>/lr<lr> (a finished run is reused) and each mechanism's suite
 report under OUT_DIR/eval/<name>.
 Logic: subq_jax/compare.py.

@@ -52,6 +52,7 @@ MECHANISMS = {
   "sliding": ("kind=sliding", None),
   "block_topk": ("kind=block_topk", None),
   "indexer": ("kind=indexer", None),
+  "indexer_yarn": ("kind=indexer,yarn", "indexer"),  # likewise
 }
 DEFAULT_TASKS = (
   "niah_single_1",

@@ -84,3 +84,23 @@ def test_ablation_first_stage_niah_share_and_tile():
     module.get_config("short_niah=0.95")
   with pytest.raises(ValueError, match=r"stages\[0\].*uuid_chars=40 must be in \[1, 36\]"):
     train_lib.stage_data_config(resolve(module.get_config("short_chars=40")), 0)
+
+
+def test_ablation_key_length_ladder_and_niah_share():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("short_chars=4-8,short_steps=2000-1500,steps=600,niah=0.3"))
+  assert [(s.seq_len, s.steps) for s in cfg.train.stages] == [(512, 2000), (512, 1500), (4096, 600)]
+  assert [train_lib.stage_data_config(cfg, i).niah.uuid_chars for i in range(3)] == [4, 8, 8]
+  mixture = dict(cfg.data.mixture)
+  assert mixture == pytest.approx({"code": 0.15, "niah": 0.3, "mqar": 0.3, "ruler": 0.25})
+  assert sum(mixture.values()) == pytest.approx(1.0)
+  one_count = resolve(module.get_config("short_chars=2-4-8,short_steps=300"))
+  assert [s.steps for s in one_count.train.stages[:3]] == [300, 300, 300]
+  default = resolve(module.get_config())
+  assert [(s.seq_len, s.steps) for s in default.train.stages] == [(512, 1200), (4096, 200)]
+  assert dict(default.data.mixture)["niah"] == 0.15
+  assert dict(default.data.mixture)["mqar"] == 0.45
+  with pytest.raises(ValueError, match=r"short_steps='1-2-3' needs one count or one per"):
+    module.get_config("short_chars=4-8,short_steps=1-2-3")
+  with pytest.raises(ValueError, match=r"niah=0.7 must be in \[0, 0.6\]"):
+    module.get_config("niah=0.7")
