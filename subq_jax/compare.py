@@ -308,6 +308,11 @@ def run(
     for (task, length), r in evaluate.pool(suite["cells"]).items():
       results.setdefault(task, {})[length] = r
     entry["results"] = {t: {str(n): r for n, r in by.items()} for t, by in results.items()}
+    skipped = {}  # length -> tasks whose fixed text does not fit it
+    for c in suite["cells"]:
+      if "skipped" in c and c["task"] not in skipped.setdefault(str(c["length"]), []):
+        skipped[str(c["length"])].append(c["task"])
+    entry["skipped"] = skipped
     entry["eval_wall_s"] = round(time.time() - t0, 1)
     summary["mechanisms"][name] = entry
   summary["wall_s"] = round(time.time() - t_start, 1)
@@ -355,8 +360,11 @@ def _merge_lengths(have: dict, entry: dict, path: str) -> dict:
       if n in results.get(task, {}) and results[task][n] != r:
         raise ValueError(f"{path}: {task} at {n} tokens differs from an earlier file's")
       results.setdefault(task, {})[n] = r
+  skipped = {n: list(ts) for n, ts in have.get("skipped", {}).items()}
+  for n, ts in entry.get("skipped", {}).items():
+    skipped[n] = list(dict.fromkeys(skipped.get(n, []) + ts))
   walls = [e.get("eval_wall_s") for e in (have, entry)]
-  return dict(have, results=results, eval_wall_s=sum(w for w in walls if w))
+  return dict(have, results=results, skipped=skipped, eval_wall_s=sum(w for w in walls if w))
 
 
 def _write(summary: dict, out_dir: str, log) -> dict:
@@ -418,14 +426,29 @@ def comparison_table(summary: dict) -> str:
     lines += ["", f"**{n} tokens ({n / train_len:g}x the training length)**", ""]
     lines.append("| task | " + " | ".join(names) + " |")
     lines.append("|" + " --- |" * (len(names) + 1))
-    ran = {m: any(str(n) in by for by in mechs[m]["results"].values()) for m in names}
     for t in tasks:
-      row = [
-        _fmt(mechs[m]["results"].get(t, {}).get(str(n))) if ran[m] else "not run" for m in names
-      ]
+      has = any(str(n) in mechs[m]["results"].get(t, {}) for m in names)
+      row = [_cell(mechs[m], t, n, has) for m in names]
       lines.append(f"| {t} | " + " | ".join(row) + " |")
-  lines += ["", "Blank: the task's fixed text does not fit that length (skipped)."]
+  lines += [
+    "",
+    "not run: that mechanism was not evaluated on the task at that length; skipped: the "
+    "task's fixed text does not fit that length.",
+  ]
   return "\n".join(lines)
+
+
+def _cell(entry: dict, task: str, n: int, others_have: bool) -> str:
+  """One mechanism's cell; `others_have`: some mechanism has the task at length n."""
+  r = entry["results"].get(task, {}).get(str(n))
+  if r is not None:
+    return _fmt(r)
+  if task in entry.get("skipped", {}).get(str(n), []):
+    return "skipped"
+  ran = any(str(n) in by for by in entry["results"].values())
+  if "skipped" in entry or others_have or not ran:
+    return "not run"
+  return "skipped"  # a file from before skips were recorded: no mechanism has it there
 
 
 def plot_comparison(summary: dict, out_dir: str):

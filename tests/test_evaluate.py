@@ -382,6 +382,24 @@ def test_comparison_table_marks_lengths_a_mechanism_was_not_run_at():
   assert "| niah_single_1 | 1.00 [0.00, 1.00] n=8 | 1.00 [0.00, 1.00] n=8 |" in table
 
 
+def test_comparison_table_tells_tasks_not_run_from_tasks_skipped():
+  a = _entry(1e-3, 1.0, (0.0, 64), (0.9, 384))
+  b = _entry(1e-3, 1.0, (0.5, 8), (0.8, 384))
+  del b["results"]["niah_single_1"]  # b was evaluated on a narrower task list
+  a["results"]["vt"] = {"4096": _row(0.25, 8)}
+  b["skipped"] = {"4096": ["vt"]}  # recorded: vt's text did not fit b's run
+  table = compare.comparison_table({"mechanisms": {"ssa_bounds": a, "indexer": b}})
+  assert "| niah_single_1 | 1.00 [0.00, 1.00] n=8 | not run |" in table
+  assert "| vt | 0.25 [0.00, 1.00] n=8 | skipped |" in table
+  # A file from before skips were recorded: a task nobody has at that length was skipped.
+  del a["results"]["vt"]
+  a["results"]["cwe"] = {"16384": _row(0.5, 8)}
+  a["results"]["mqar (train format)"]["16384"] = _row(0.3, 384)
+  table = compare.comparison_table({"mechanisms": {"ssa_bounds": a}})
+  # At 4096 a ran but nobody has cwe: skipped; at 16384 a has it.
+  assert "| cwe | skipped |" in table and "| cwe | 0.50 [0.00, 1.00] n=8 |" in table
+
+
 @pytest.mark.parametrize("order", [1, -1])
 def test_assemble_computes_missing_accuracy_from_results(tmp_path, order):
   # Older files: no retrieval_acc; pooled from the entry's own results at train_len
