@@ -3,7 +3,7 @@
 # 'name:mechanisms:variant:lr:mults[:tasks(;-separated):num_samples]'; a run of the same name
 # is reused, each spec's compare.json kept as compare_<mults>.json. Results tarred to $OUT (checkpoints excluded).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 T0=$SECONDS; D=/tmp/c8_$TAG; mkdir -p $D; TMO=${TMO:-570}
 for lane in $RUNS; do
   (
