@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from subq_jax.config import BLOCK_KINDS
 from subq_jax.data import corpus
 from subq_jax.data.pipeline import make_sample
 from subq_jax.experiment import ExperimentConfig
@@ -27,6 +28,36 @@ def answer_spans(mask: np.ndarray) -> list[tuple[int, int]]:
   padded = np.concatenate([[False], mask.astype(bool), [False]])
   edges = np.flatnonzero(padded[1:] != padded[:-1])
   return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def needle_block_attended(tokens, spans, selected, attn) -> np.ndarray:
+  """Whether each query could see its needle: per answer span (a, b) of the shifted
+  target (the query at input position a predicts tokens[a + 1 : b + 1]), 1.0 when the
+  KV block holding the answer's earliest earlier copy (the needle's value) is among
+  the blocks the query attends to: the sinks, its tile's selected blocks (in any KV
+  head), the local blocks and its own; nan when the answer has no earlier copy.
+
+  tokens: int [T + 1] (the sample: the model read tokens[:-1]); selected: int
+  [kv_heads, tiles, top_k] (one layer's `AttentionInfo.selected_blocks`, -1 for empty
+  slots); attn: that layer's SSAConfig.
+  """
+  tokens = np.asarray(tokens)
+  out = []
+  for a, b in spans:
+    value = tokens[a + 1 : b + 1]
+    if len(value) != b - a or a < len(value):
+      out.append(np.nan)
+      continue
+    windows = np.lib.stride_tricks.sliding_window_view(tokens[:a], len(value))
+    found = np.flatnonzero(np.all(windows == value, axis=1))
+    if not found.size:
+      out.append(np.nan)
+      continue
+    needle, own = int(found[0]) // attn.block_size, a // attn.block_size
+    seen = needle < attn.sink_blocks or own - attn.local_blocks <= needle <= own
+    seen = seen or bool(np.any(selected[:, a // attn.tile] == needle))
+    out.append(float(seen))
+  return np.array(out)
 
 
 def eval_model_config(model_cfg: ModelConfig, train_len: int, length: int, yarn: bool):
@@ -287,6 +318,19 @@ class _Runner:
     out, fraction, _ = self._call(tokens, lengths, max_new)
     return np.asarray(out)[:, :max_new], float(fraction)
 
+  def selections(self, tokens):
+    """Each layer's `selected_blocks` of one full forward over `tokens` as numpy
+    ([B, kv_heads, tiles, top_k]), None for layers that select no blocks."""
+    if not hasattr(self, "_select"):
+
+      @jax.jit
+      def select(params, tokens):
+        _, infos = nnx.merge(self.graphdef, params)(tokens, return_info=True)
+        return [None if i is None else i.selected_blocks for i in infos]
+
+      self._select = select
+    return [None if x is None else np.asarray(x) for x in self._select(self.params, tokens)]
+
   def teacher_forced(self, tokens):
     """(argmax predictions [B, T], pairs fraction) of one forward over `tokens`."""
     tokens = np.asarray(tokens)
@@ -438,7 +482,7 @@ def suite_eval(
       if data_cfg is None:
         raise ValueError("suite.train_tasks needs the run's data_cfg")
       t0 = time.time()
-      scores, fraction = _train_format(runner, data_cfg, tokenizer, task, length, suite)
+      scores, fraction, routing = _train_format(runner, data_cfg, tokenizer, task, length, suite)
       cell = {
         "task": f"{task} (train format)",
         "length": length,
@@ -456,10 +500,18 @@ def suite_eval(
         "pairs_fraction": fraction,
         "wall_s": round(time.time() - t0, 2),
       }
+      if routing is not None:
+        cell["needle_block_attended"] = routing
       cells.append(cell)
+      seen = (
+        ""
+        if routing is None
+        else ", needle block attended by layer "
+        + " ".join("-" if r is None else f"{r:.2f}" for r in routing)
+      )
       log(
         f"{cell['task']} at {length} tokens: {cell['mean']:.3f} [{cell['lo']:.3f}, "
-        f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%"
+        f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%{seen}"
       )
   return cells
 
@@ -481,7 +533,10 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
 
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
-  (scores per query, pairs fraction)."""
+  (scores per query, pairs fraction, needle routing). For `niah` in a model whose
+  layers select blocks, needle routing is, per layer, the fraction of queries whose
+  needle block that layer attends to (`needle_block_attended`; None for layers that
+  select no blocks); else None."""
   from subq_jax.data.pipeline import make_sample
 
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
@@ -493,17 +548,35 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
-  scores, fractions = [], []
+  layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
+  routed = task == "niah" and any(a.kind in BLOCK_KINDS for a in layers)
+  scores, fractions, hits = [], [], []
   for i in range(0, len(seqs), suite.batch_size):
     chunk = seqs[i : i + suite.batch_size]
     tokens = _pad_rows([c["tokens"][:-1] for c in chunk], width, suite.batch_size, tokenizer.pad_id)
     pred, fraction = runner.teacher_forced(tokens)
     fractions.append(fraction)
+    selected = runner.selections(tokens) if routed else []
     for j, c in enumerate(chunk):
       target = c["tokens"][1:]
-      for a, b in answer_spans(c["answer_mask"][1:]):
+      spans = answer_spans(c["answer_mask"][1:])
+      for a, b in spans:
         scores.append(float(np.all(pred[j, a:b] == target[a:b])))
-  return scores, float(np.mean(fractions))
+      if routed:
+        hits.append(
+          [
+            None if sel is None else needle_block_attended(c["tokens"], spans, sel[j], attn)
+            for sel, attn in zip(selected, layers, strict=True)
+          ]
+        )
+  routing = None
+  if routed:
+    routing = []
+    for layer in range(len(layers)):
+      seen = None if hits[0][layer] is None else np.concatenate([h[layer] for h in hits])
+      ok = seen is not None and not np.all(np.isnan(seen))
+      routing.append(float(np.nanmean(seen)) if ok else None)
+  return scores, float(np.mean(fractions)), routing
 
 
 def pool(cells: list[dict]) -> dict:

@@ -6,11 +6,13 @@ in place of the model), the reports, the command line, and the mechanism compari
 two smoke-sized runs trained with the real training loop.
 """
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from subq_jax import compare, evaluate
 from subq_jax.data import ruler, scoring
@@ -211,9 +213,17 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
         shifted[r, :3000] = target
     return (shifted + (1 if wrong[0] else 0)), 0.5
 
+  def select_all(self, tokens):  # every earlier block chosen by every tile
+    cfg = self.model_cfg.attention
+    tiles, blocks = tokens.shape[1] // cfg.tile, -(-tokens.shape[1] // cfg.block_size)
+    sel = np.broadcast_to(np.arange(blocks), (len(tokens), cfg_kv, tiles, blocks))
+    return [sel] * self.model_cfg.num_layers
+
+  cfg_kv = ModelConfig(dtype="float32").num_kv_heads
   monkeypatch.setattr(pipeline, "make_sample", recording)
   monkeypatch.setattr(evaluate._Runner, "generate", oracle)
   monkeypatch.setattr(evaluate._Runner, "teacher_forced", teacher_forced)
+  monkeypatch.setattr(evaluate._Runner, "selections", select_all)
   data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3)
   kw = dict(corpus_root=ROOT, val_fraction=0.3, data_cfg=data_cfg, log=lambda *_: None)
   for wrong[0], expect in ((None, 1.0), ("no", 0.0)):
@@ -232,6 +242,70 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
       assert (c["lo"], c["hi"]) == (lo, hi)
     mqar = next(c for c in cells if c["task"] == "mqar")
     assert sum(b["n"] for b in mqar["by_distance"]) == mqar["n"]
+    niah = next(c for c in cells if c["task"] == "niah (train format)")
+    assert niah["needle_block_attended"] == [1.0] * ModelConfig().num_layers
+    assert "needle_block_attended" not in next(
+      c for c in cells if c["task"] == "mqar (train format)"
+    )
+
+
+def test_needle_block_attended_hand_worked():
+  """Blocks of 4 tokens, tiles of 1, one sink and one local block. The sample's needle
+  value [7, 8] sits at positions 9-10 (block 2); each query reads its position and asks
+  for [7, 8] next."""
+  from subq_jax.config import SSAConfig
+
+  attn = SSAConfig(block_size=4, query_tile=1, top_k=2, sink_blocks=1, local_blocks=1)
+  tokens = np.zeros(41, np.int32)
+  tokens[9:11] = [7, 8]
+  spans = []
+  for q in (14, 22, 30, 38):  # the query at q predicts tokens[q + 1 : q + 3]
+    tokens[q + 1 : q + 3] = [7, 8]
+    spans.append((q, q + 2))
+  selected = np.full((2, 40, 2), -1)
+  selected[1, 22] = [2, 3]  # q=22 (block 5): block 2 chosen by the second KV head
+  selected[0, 30] = [1, 3]  # q=30 (block 7): chosen blocks miss block 2
+  # q=14 (block 3): block 2 is its local block; q=38: nothing chosen.
+  got = evaluate.needle_block_attended(tokens, spans, selected, attn)
+  np.testing.assert_array_equal(got, [1.0, 1.0, 0.0, 0.0])
+  # The earliest copy counts: block 5 holds a later copy (q=22's answer at 23-24).
+  selected[0, 30] = [5, 6]
+  assert evaluate.needle_block_attended(tokens, spans[2:3], selected, attn)[0] == 0.0
+  # No earlier copy of the answer: nan; a needle in the sink block: seen.
+  tokens2 = tokens.copy()
+  tokens2[9:11] = 0
+  tokens2[15:17] = [5, 5]
+  assert np.isnan(evaluate.needle_block_attended(tokens2, spans[:1], selected, attn)[0])
+  tokens2[1:3] = [7, 8]
+  np.testing.assert_array_equal(
+    evaluate.needle_block_attended(tokens2, spans[1:], selected, attn), [1.0, 1.0, 1.0]
+  )
+
+
+def test_needle_routing_of_a_real_ssa_model():
+  """The real forward's selections: with `top_k` covering every block each layer sees
+  every needle; with one chosen block of 16, no sinks and no local blocks, most needles
+  lie elsewhere, so the fraction is below 1."""
+  from subq_jax.config import SSAConfig
+  from subq_jax.data.tasks import NIAHConfig
+  from subq_jax.model import ModelConfig, Transformer
+
+  niah = NIAHConfig(num_needles=4, num_queries=4, uuid_chars=8)  # the ablation's needles
+  data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3, niah=niah)
+  suite = evaluate.SuiteConfig(tasks=(), lengths=(256,), train_tasks=("niah",), train_samples=2)
+  out = {}
+  for top_k, sink, local in ((16, 1, 1), (1, 0, 0)):
+    attn = SSAConfig(block_size=16, query_tile=1, top_k=top_k, fanout=4, beam=16)
+    attn = dataclasses.replace(attn, sink_blocks=sink, local_blocks=local)
+    mcfg = ModelConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                       dtype="float32", attention=attn)  # fmt: skip
+    _, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+    runner = evaluate._Runner(params, mcfg)
+    scores, _, routing = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    assert len(scores) == 2 * data_cfg.niah.num_queries
+    out[top_k] = routing
+  assert out[16] == [1.0, 1.0]
+  assert all(0.0 <= r < 1.0 for r in out[1]), out[1]
 
 
 def test_parse_lengths_and_cut():
