@@ -199,6 +199,7 @@ def _train_one(cfg, workdir: str, val_batches: int, log) -> dict:
   try:
     result = train_lib.train(cfg, workdir, log=lambda *_: None)
     record["train_wall_s"] = round(result.wall_s, 1)
+    record["steps_run"] = result.steps_run  # fewer than `step` when it resumed a cut run
     record["final_loss"] = result.losses.get(max(result.losses)) if result.losses else None
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics):  # steady state: the last logging interval, compile excluded
@@ -281,6 +282,8 @@ def run(
       "yarn": cfg.eval.yarn,
       "train_len": cfg.train.stages[-1].seq_len,
       "train_wall_s": best.get("train_wall_s"),
+      "train_steps_run": best.get("steps_run"),
+      "train_steps": best.get("step"),
     }
     if math.isinf(best["val_loss"]):
       entry["results"] = {}
@@ -415,9 +418,11 @@ def comparison_table(summary: dict) -> str:
       pairs.append(f"{100 * np.mean(vals):.1f}%" if vals else "")
     kpq = "all" if e["kind"] == "dense" else str(e["keys_per_query"])
     tps = next((r.get("tokens_per_s") for r in e["sweep"] if r["lr"] == e["lr"]), None)
+    ran, steps = e.get("train_steps_run"), e.get("train_steps")
+    part = f" of the last {ran} of {steps} steps" if ran and steps and ran < steps else ""
     lines.append(
       f"| {name} | {e['lr']:g} ({sweep}) | {kpq} | {' / '.join(pairs)} | "
-      f"{e.get('train_wall_s') or 0:.0f}s{f' ({tps:,.0f} tok/s)' if tps else ''} | "
+      f"{e.get('train_wall_s') or 0:.0f}s{part}{f' ({tps:,.0f} tok/s)' if tps else ''} | "
       f"{e.get('eval_wall_s', 0):.0f}s |"
     )
   tasks = list(dict.fromkeys(t for e in mechs.values() for t in e["results"]))

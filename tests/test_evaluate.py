@@ -456,6 +456,14 @@ def test_comparison_table_marks_lengths_a_mechanism_was_not_run_at():
   assert "| niah_single_1 | 1.00 [0.00, 1.00] n=8 | 1.00 [0.00, 1.00] n=8 |" in table
 
 
+def test_comparison_table_says_when_the_wall_time_is_a_resumed_part():
+  whole = _entry(1e-3, 1.0, (0.0, 64), (0.9, 384), train_wall_s=300.0)
+  whole.update(train_wall_s=300.0, train_steps_run=1400, train_steps=1400)
+  cut = dict(whole, train_wall_s=120.0, train_steps_run=600)
+  table = compare.comparison_table({"mechanisms": {"ssa_bounds": whole, "ssa_yarn": cut}})
+  assert "| 300s |" in table and "| 120s of the last 600 of 1400 steps |" in table
+
+
 def test_comparison_table_tells_tasks_not_run_from_tasks_skipped():
   a = _entry(1e-3, 1.0, (0.0, 64), (0.9, 384))
   b = _entry(1e-3, 1.0, (0.5, 8), (0.8, 384))
