@@ -15,7 +15,8 @@ A device command runs at most 10 minutes: run one mechanism (or one rate) per co
 (`--mechanisms=ssa_mean --lrs=1e-3`; dense_rope,dense_yarn share one training, as do
 ssa_bounds,ssa_yarn and indexer,indexer_yarn), keep each compare.json, then merge them
 on any machine (per mechanism the best rate by the same rule; one run evaluated at other
-lengths in another invocation, e.g. `--multipliers=16` reusing it, is joined):
+lengths in another invocation, e.g. `--multipliers=16` reusing it, is joined; a run cut
+by the time limit resumes from its last checkpoint when the command runs again):
   python -m experiments.compare_mechanisms --out_dir=experiments/results/compare \
       --assemble=a/compare.json,b/compare.json,...
 
