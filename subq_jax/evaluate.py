@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from subq_jax.config import BLOCK_KINDS
-from subq_jax.data import corpus
+from subq_jax.data import corpus, tasks
 from subq_jax.data.pipeline import make_sample
 from subq_jax.experiment import ExperimentConfig
 from subq_jax.model import ModelConfig, Transformer
@@ -30,33 +30,21 @@ def answer_spans(mask: np.ndarray) -> list[tuple[int, int]]:
   return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def needle_block_attended(tokens, spans, selected, attn) -> np.ndarray:
+def needle_block_attended(spans, needle_at, selected, attn) -> np.ndarray:
   """Whether each query could see its needle: per answer span (a, b) of the shifted
-  target (the query at input position a predicts tokens[a + 1 : b + 1]), 1.0 when the
-  KV block holding the answer's earliest earlier copy (the needle's value) is among
+  target (the query at input position a predicts the answer's first token), 1.0 when the
+  KV block holding its needle's value (`needle_at`, `tasks.Sample.needle_at`) is among
   the blocks the query attends to: the sinks, its tile's selected blocks (in any KV
-  head), the local blocks and its own; nan when the answer has no earlier copy.
+  head), the local blocks and its own.
 
-  tokens: int [T + 1] (the sample: the model read tokens[:-1]); selected: int
-  [kv_heads, tiles, top_k] (one layer's `AttentionInfo.selected_blocks`, -1 for empty
-  slots); attn: that layer's SSAConfig.
+  selected: int [kv_heads, tiles, top_k] (one layer's `AttentionInfo.selected_blocks`,
+  -1 for empty slots); attn: that layer's SSAConfig.
   """
-  tokens = np.asarray(tokens)
   out = []
-  for a, b in spans:
-    value = tokens[a + 1 : b + 1]
-    if len(value) != b - a or a < len(value):
-      out.append(np.nan)
-      continue
-    windows = np.lib.stride_tricks.sliding_window_view(tokens[:a], len(value))
-    found = np.flatnonzero(np.all(windows == value, axis=1))
-    if not found.size:
-      out.append(np.nan)
-      continue
-    needle, own = int(found[0]) // attn.block_size, a // attn.block_size
+  for (a, _), at in zip(spans, needle_at, strict=True):
+    needle, own = int(at) // attn.block_size, a // attn.block_size
     seen = needle < attn.sink_blocks or own - attn.local_blocks <= needle <= own
-    seen = seen or bool(np.any(selected[:, a // attn.tile] == needle))
-    out.append(float(seen))
+    out.append(float(seen or np.any(selected[:, a // attn.tile] == needle)))
   return np.array(out)
 
 
@@ -531,20 +519,33 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
   return _SAMPLES[key]
 
 
+def _train_sample(data_cfg, tokenizer, stream, length: int, task: str, seed) -> dict:
+  """`make_sample(..., task)` of the training pipeline; for `niah` with the needles'
+  value positions (`needle_at`), which the pipeline's dict drops, from `tasks.niah` on
+  the same seed (the same sample: checked)."""
+  from subq_jax.data import pipeline
+
+  sample = pipeline.make_sample(
+    data_cfg, tokenizer, stream, length, np.random.default_rng(seed), task
+  )
+  if task == "niah":
+    s = tasks.niah(np.random.default_rng(seed), tokenizer, stream, length + 1, data_cfg.niah)
+    if not np.array_equal(s.tokens, sample["tokens"]):
+      raise RuntimeError("tasks.niah and make_sample built different samples")
+    sample = dict(sample, needle_at=s.needle_at)
+  return sample
+
+
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
   (scores per query, pairs fraction, needle routing). For `niah` in a model whose
   layers select blocks, needle routing is, per layer, the fraction of queries whose
   needle block that layer attends to (`needle_block_attended`; None for layers that
   select no blocks); else None."""
-  from subq_jax.data.pipeline import make_sample
-
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
   index = ("niah", "mqar").index(task)
   seqs = [
-    make_sample(
-      data_cfg, tokenizer, stream, length, np.random.default_rng([suite.seed, 7, index, i]), task
-    )
+    _train_sample(data_cfg, tokenizer, stream, length, task, [suite.seed, 7, index, i])
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
@@ -565,7 +566,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
       if routed:
         hits.append(
           [
-            None if sel is None else needle_block_attended(c["tokens"], spans, sel[j], attn)
+            None if sel is None else needle_block_attended(spans, c["needle_at"], sel[j], attn)
             for sel, attn in zip(selected, layers, strict=True)
           ]
         )
@@ -574,8 +575,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     routing = []
     for layer in range(len(layers)):
       seen = None if hits[0][layer] is None else np.concatenate([h[layer] for h in hits])
-      ok = seen is not None and not np.all(np.isnan(seen))
-      routing.append(float(np.nanmean(seen)) if ok else None)
+      routing.append(None if seen is None else float(np.mean(seen)))
   return scores, float(np.mean(fractions)), routing
 
 

@@ -70,6 +70,32 @@ def test_niah_answers_are_the_needle_values():
     assert f"recall {key} -> {value}" in text
 
 
+@pytest.mark.parametrize(
+  "fmt",
+  [
+    {},
+    dict(key_alphabet="greek", value_alphabet="digits", uuid_chars=2, together=True),
+    dict(needle_format="\n# {key}{value}\n", query_format="\n# {key}", uuid_chars=8),
+  ],
+)
+def test_niah_needle_at_is_each_querys_needle_value(fmt):
+  """`needle_at[i]` is where query i's needle value starts: the value there equals the
+  answer, and the needle's key is the key the query asks for."""
+  cfg = dataclasses.replace(CFG.niah, num_needles=5, num_queries=4, **fmt)
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  s = tasks.niah(np.random.default_rng(11), TOK, stream, 1500, cfg)
+  spans = np.flatnonzero(np.diff(np.concatenate([[0], s.answer_mask.astype(int), [0]])))
+  assert len(s.needle_at) == cfg.num_queries
+  before = cfg.needle_format.split("{value}")[0]  # the needle's text up to its value
+  q_head, q_tail = cfg.query_format.split("{key}")
+  for (a, b), at in zip(zip(spans[::2], spans[1::2], strict=True), s.needle_at, strict=True):
+    assert at < a and np.array_equal(s.tokens[at : at + b - a], s.tokens[a:b])
+    key = TOK.decode(s.tokens[max(0, a - 60) : a]).rsplit(q_head, 1)[1]
+    key = key[: len(key) - len(q_tail)]
+    needle = TOK.decode(s.tokens[max(0, at - 60) : at])
+    assert needle.endswith(before.format(key=key)), (needle, key)
+
+
 def test_niah_greek_keys():
   cfg = tasks.NIAHConfig(
     num_needles=6, num_queries=6, uuid_chars=2, key_alphabet="greek", value_alphabet="digits"

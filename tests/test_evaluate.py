@@ -250,36 +250,21 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
 
 
 def test_needle_block_attended_hand_worked():
-  """Blocks of 4 tokens, tiles of 1, one sink and one local block. The sample's needle
-  value [7, 8] sits at positions 9-10 (block 2); each query reads its position and asks
-  for [7, 8] next."""
+  """Blocks of 4 tokens, tiles of 1, one sink and one local block; every needle value
+  starts at position 9 (block 2) but the last, at 2 (block 0, the sink)."""
   from subq_jax.config import SSAConfig
 
   attn = SSAConfig(block_size=4, query_tile=1, top_k=2, sink_blocks=1, local_blocks=1)
-  tokens = np.zeros(41, np.int32)
-  tokens[9:11] = [7, 8]
-  spans = []
-  for q in (14, 22, 30, 38):  # the query at q predicts tokens[q + 1 : q + 3]
-    tokens[q + 1 : q + 3] = [7, 8]
-    spans.append((q, q + 2))
+  spans = [(14, 16), (22, 24), (30, 32), (38, 40), (38, 40)]
+  needle_at = [9, 9, 9, 9, 2]
   selected = np.full((2, 40, 2), -1)
   selected[1, 22] = [2, 3]  # q=22 (block 5): block 2 chosen by the second KV head
-  selected[0, 30] = [1, 3]  # q=30 (block 7): chosen blocks miss block 2
-  # q=14 (block 3): block 2 is its local block; q=38: nothing chosen.
-  got = evaluate.needle_block_attended(tokens, spans, selected, attn)
-  np.testing.assert_array_equal(got, [1.0, 1.0, 0.0, 0.0])
-  # The earliest copy counts: block 5 holds a later copy (q=22's answer at 23-24).
-  selected[0, 30] = [5, 6]
-  assert evaluate.needle_block_attended(tokens, spans[2:3], selected, attn)[0] == 0.0
-  # No earlier copy of the answer: nan; a needle in the sink block: seen.
-  tokens2 = tokens.copy()
-  tokens2[9:11] = 0
-  tokens2[15:17] = [5, 5]
-  assert np.isnan(evaluate.needle_block_attended(tokens2, spans[:1], selected, attn)[0])
-  tokens2[1:3] = [7, 8]
-  np.testing.assert_array_equal(
-    evaluate.needle_block_attended(tokens2, spans[1:], selected, attn), [1.0, 1.0, 1.0]
-  )
+  selected[0, 30] = [1, 3]  # q=30 (block 7): the chosen blocks miss block 2
+  # q=14 (block 3): block 2 is its local block; q=38: nothing chosen, but a sink needle.
+  got = evaluate.needle_block_attended(spans, needle_at, selected, attn)
+  np.testing.assert_array_equal(got, [1.0, 1.0, 0.0, 0.0, 1.0])
+  none = evaluate.needle_block_attended(spans, needle_at, np.full((2, 40, 2), -1), attn)
+  np.testing.assert_array_equal(none, [1.0, 0.0, 0.0, 0.0, 1.0])
 
 
 def test_needle_routing_of_a_real_ssa_model():

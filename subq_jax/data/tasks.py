@@ -107,6 +107,9 @@ class MQARConfig:
 class Sample:
   tokens: np.ndarray  # int32 [length]
   answer_mask: np.ndarray  # bool [length]: True on answer tokens
+  # `niah` only: per query, in order, the position of its needle's value (the copy the
+  # answer repeats); the routing diagnostic of subq_jax.evaluate reads it
+  needle_at: np.ndarray | None = None
 
 
 def random_uuid(rng: np.random.Generator, chars: int) -> str:
@@ -168,12 +171,16 @@ def niah(rng, tokenizer, stream, length: int, cfg: NIAHConfig, depths=None) -> S
   if depths is None:
     depths = np.full(cfg.num_needles, rng.random()) if cfg.together else rng.random(cfg.num_needles)
   cuts = np.sort((np.asarray(depths, np.float64) * hay_len).astype(np.int64))
-  parts, prev = [], 0
-  for cut, needle in zip(cuts, needles, strict=True):
+  parts, prev, value_at = [], 0, []
+  for cut, needle, key in zip(cuts, needles, keys, strict=True):
     parts += [(hay[prev:cut], False), (needle, False)]
+    start = sum(len(p) for p, _ in parts) - len(needle)
+    value_at.append(start + len(enc(cfg.needle_format.split("{value}")[0].format(key=key))))
     prev = cut
   parts.append((hay[prev:], False))
-  return _fit(_concat(parts + query), length, "niah")
+  sample = _fit(_concat(parts + query), length, "niah")
+  sample.needle_at = np.asarray([value_at[i] for i in asked], np.int64)
+  return sample
 
 
 def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
