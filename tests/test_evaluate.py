@@ -313,6 +313,9 @@ def test_suite_table_hand_worked():
   lo, hi = scoring.wilson_interval(7, 8)
   assert f"| niah_single_2 | code | 0.88 [{lo:.2f}, {hi:.2f}] n=8 |" in table
   assert "1024 (2x)" in table and "50.00%" in table and "cwe at 1024" in table
+  routed = dict(cells[0], task="niah (train format)", needle_block_attended=[None, 0.25, 1.0])
+  table = evaluate.suite_table([*cells, routed], 512)
+  assert "| niah (train format): needle block attended, by layer | | - 0.25 1.00 |" in table
 
 
 def _row(mean, n):
