@@ -3,6 +3,10 @@
 python -m experiments.evaluate --workdir=runs/abl_ssa --suite=niah,ruler --lengths=1x,4x,16x
 python -m experiments.evaluate --workdir=runs/quickstart --suite=niah_single_2 \
     --lengths=256,1K,4K --depths=0,0.5,1 --num_samples=20 --yarn
+python -m experiments.evaluate --workdir=runs/np --suite= --train_tasks=niah --yarn
+
+The last form scores the run's own training-format tasks; for models whose layers select
+blocks, its NIAH cells also say, per layer, how often the needle's block was attended.
 
 Greedy decoding with a KV cache (MQAR: teacher-forced exact match), batched; writes
 suite.json (every cell with its sample count, 95% Wilson interval, filler and the fraction
@@ -31,6 +35,10 @@ _YARN = flags.DEFINE_bool(
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _SEED = flags.DEFINE_integer("seed", 0, "sample seed")
 _OUT = flags.DEFINE_string("out_dir", None, "output directory (default WORKDIR/eval)")
+_TRAIN_TASKS = flags.DEFINE_list(
+  "train_tasks", [], "the run's own training-format tasks (niah, mqar), teacher-forced"
+)
+_TRAIN_SAMPLES = flags.DEFINE_integer("train_samples", 32, "sequences per training-format cell")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -48,6 +56,8 @@ def main(argv):
     seed=_SEED.value,
     step=_STEP.value,
     out_dir=_OUT.value,
+    train_tasks=tuple(_TRAIN_TASKS.value),
+    train_samples=_TRAIN_SAMPLES.value,
   )
 
 

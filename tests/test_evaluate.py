@@ -142,13 +142,17 @@ def test_evaluate_command_line(comparison, tmp_path):
       "--depths=0,1",
       "--num_samples=2",
       "--batch_size=2",
+      "--train_tasks=mqar",
+      "--train_samples=1",
       f"--out_dir={tmp_path}",
     ]
   )
   cli.main([])
   got = json.load(open(tmp_path / "suite.json"))
   assert got["step"] == 2 and got["train_len"] == 128
-  cells = got["cells"]
+  trained = [c for c in got["cells"] if c["task"] == "mqar (train format)"]
+  assert [c["length"] for c in trained] == [512, 1024] and all(c["n"] >= 1 for c in trained)
+  cells = [c for c in got["cells"] if c not in trained]
   keys = {(c["task"], c["length"], c["depth"]) for c in cells}
   assert keys == {("niah_single_1", n, d) for n in (512, 1024) for d in (0.0, 1.0)} | {
     ("vt", n, None) for n in (512, 1024)
