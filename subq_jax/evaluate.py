@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from subq_jax.config import BLOCK_KINDS
-from subq_jax.data import corpus, tasks
+from subq_jax.data import corpus
 from subq_jax.data.pipeline import make_sample
 from subq_jax.experiment import ExperimentConfig
 from subq_jax.model import ModelConfig, Transformer
@@ -33,7 +33,7 @@ def answer_spans(mask: np.ndarray) -> list[tuple[int, int]]:
 def needle_block_attended(spans, needle_at, selected, attn) -> np.ndarray:
   """Whether each query could see its needle: per answer span (a, b) of the shifted
   target (the query at input position a predicts the answer's first token), 1.0 when the
-  KV block holding its needle's value (`needle_at`, `tasks.Sample.needle_at`) is among
+  KV block holding its needle's value (`needle_at`: `tasks.Sample.needle_at`) is among
   the blocks the query attends to: the sinks, its tile's selected blocks (in any KV
   head), the local blocks and its own.
 
@@ -285,6 +285,7 @@ class _Runner:
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     self.multiple = decode.cache_multiple(model_cfg)
     self._generate = {}
+    self._select = jax.jit(self._selected_blocks)  # compiled on first use
 
   def cache_len(self, n: int) -> int:
     return -(-n // self.multiple) * self.multiple
@@ -306,17 +307,13 @@ class _Runner:
     out, fraction, _ = self._call(tokens, lengths, max_new)
     return np.asarray(out)[:, :max_new], float(fraction)
 
+  def _selected_blocks(self, params, tokens):
+    _, infos = nnx.merge(self.graphdef, params)(tokens, return_info=True)
+    return [None if i is None else i.selected_blocks for i in infos]
+
   def selections(self, tokens):
     """Each layer's `selected_blocks` of one full forward over `tokens` as numpy
     ([B, kv_heads, tiles, top_k]), None for layers that select no blocks."""
-    if not hasattr(self, "_select"):
-
-      @jax.jit
-      def select(params, tokens):
-        _, infos = nnx.merge(self.graphdef, params)(tokens, return_info=True)
-        return [None if i is None else i.selected_blocks for i in infos]
-
-      self._select = select
     return [None if x is None else np.asarray(x) for x in self._select(self.params, tokens)]
 
   def teacher_forced(self, tokens):
@@ -519,23 +516,6 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
   return _SAMPLES[key]
 
 
-def _train_sample(data_cfg, tokenizer, stream, length: int, task: str, seed) -> dict:
-  """`make_sample(..., task)` of the training pipeline; for `niah` with the needles'
-  value positions (`needle_at`), which the pipeline's dict drops, from `tasks.niah` on
-  the same seed (the same sample: checked)."""
-  from subq_jax.data import pipeline
-
-  sample = pipeline.make_sample(
-    data_cfg, tokenizer, stream, length, np.random.default_rng(seed), task
-  )
-  if task == "niah":
-    s = tasks.niah(np.random.default_rng(seed), tokenizer, stream, length + 1, data_cfg.niah)
-    if not np.array_equal(s.tokens, sample["tokens"]):
-      raise RuntimeError("tasks.niah and make_sample built different samples")
-    sample = dict(sample, needle_at=s.needle_at)
-  return sample
-
-
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
   (scores per query, pairs fraction, needle routing). For `niah` in a model whose
@@ -544,13 +524,23 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
   select no blocks); else None."""
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
   index = ("niah", "mqar").index(task)
+  layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
+  routed = task == "niah" and any(a.kind in BLOCK_KINDS for a in layers)
+  from subq_jax.data import pipeline  # at call time: tests wrap pipeline.make_sample
+
   seqs = [
-    _train_sample(data_cfg, tokenizer, stream, length, task, [suite.seed, 7, index, i])
+    pipeline.make_sample(
+      data_cfg,
+      tokenizer,
+      stream,
+      length,
+      np.random.default_rng([suite.seed, 7, index, i]),
+      task,
+      needle_at=routed,
+    )
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
-  layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
-  routed = task == "niah" and any(a.kind in BLOCK_KINDS for a in layers)
   scores, fractions, hits = [], [], []
   for i in range(0, len(seqs), suite.batch_size):
     chunk = seqs[i : i + suite.batch_size]

@@ -102,5 +102,7 @@ def test_ablation_key_length_ladder_and_niah_share():
   assert dict(default.data.mixture)["mqar"] == 0.45
   with pytest.raises(ValueError, match=r"short_steps='1-2-3' needs one count or one per"):
     module.get_config("short_chars=4-8,short_steps=1-2-3")
+  with pytest.raises(ValueError, match=r"short_chars='4-x' and short_steps='1200' must be"):
+    module.get_config("short_chars=4-x")
   with pytest.raises(ValueError, match=r"niah=0.7 must be in \[0, 0.6\]"):
     module.get_config("niah=0.7")

@@ -204,8 +204,8 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
 
   whole, make_sample = {}, pipeline.make_sample
 
-  def recording(*args):
-    sample = make_sample(*args)
+  def recording(*args, **kwargs):
+    sample = make_sample(*args, **kwargs)
     whole[sample["tokens"][:-1].tobytes()] = sample["tokens"][1:]
     return sample
 

@@ -101,10 +101,19 @@ def ruler_sample(
 
 
 def make_sample(
-  cfg: DataConfig, tokenizer, stream, seq_len: int, rng, source: str, text_source=None
+  cfg: DataConfig,
+  tokenizer,
+  stream,
+  seq_len: int,
+  rng,
+  source: str,
+  text_source=None,
+  needle_at: bool = False,
 ):
   """One packed sequence of `seq_len + 1` tokens from `source`, as a dict of arrays.
-  `text_source` (a `ruler.Source`, default the training split) feeds the `ruler` source."""
+  `text_source` (a `ruler.Source`, default the training split) feeds the `ruler` source.
+  `needle_at` (evaluation only: training batches keep one set of keys): a `niah`
+  sample's dict also holds `tasks.Sample.needle_at`."""
   length = seq_len + 1
   if source == "ruler":
     if text_source is None:
@@ -118,11 +127,14 @@ def make_sample(
     sample = tasks.mqar(rng, tokenizer, stream, length, cfg.mqar)
   else:
     raise ValueError(f"unknown source {source!r}")
-  return {
+  out = {
     "tokens": sample.tokens.astype(np.int32),
     "answer_mask": sample.answer_mask,
     "source": np.int32(SOURCES.index(source)),
   }
+  if needle_at and source == "niah":
+    out["needle_at"] = sample.needle_at
+  return out
 
 
 class _Sampler:

@@ -12,6 +12,7 @@ import numpy as np
 
 from subq_jax import evaluate
 from subq_jax.data import corpus
+from subq_jax.data.pipeline import make_sample
 
 workdir, out = sys.argv[1], sys.argv[2]
 params, model_cfg, cfg, _ = evaluate.load_checkpoint(workdir)
@@ -28,7 +29,9 @@ for yarn in (False, True):
     rows = []  # (correct, attended per layer)
     for i0 in range(0, 32, 8):
       seqs = [
-        evaluate._train_sample(cfg.data, tok, stream, length, "niah", [0, 7, 0, i])
+        make_sample(
+          cfg.data, tok, stream, length, np.random.default_rng([0, 7, 0, i]), "niah", needle_at=True
+        )
         for i in range(i0, i0 + 8)
       ]
       tokens = evaluate._pad_rows(
