@@ -98,8 +98,14 @@ def get_config(arg=None):
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
     if not 0 <= arg.short_niah <= 0.9:
       raise ValueError(f"short_niah={arg.short_niah} must be in [0, 0.9]")
-    chars = [int(n) for n in str(arg.short_chars).split("-") if n] or [0]
-    steps_each = [int(n) for n in str(arg.short_steps).split("-")]
+    try:
+      chars = [int(n) for n in str(arg.short_chars).split("-") if n] or [0]
+      steps_each = [int(n) for n in str(arg.short_steps).split("-")]
+    except ValueError:
+      raise ValueError(
+        f"short_chars={arg.short_chars!r} and short_steps={arg.short_steps!r} must be "
+        "integers joined by '-', e.g. short_chars=4-8,short_steps=2000-1500"
+      ) from None
     if len(steps_each) == 1:
       steps_each *= len(chars)
     if len(steps_each) != len(chars):
