@@ -12,7 +12,10 @@
   (the short stages' needles one after another at one depth, as MQAR's pairs: on the CPU
   learned earlier than scattered needles, but a together-first run then stalled at half
   the answer, experiments/results/niah_probe_cpu/), niah= (the 4096 stage's NIAH share,
-  default 0.15, taken from MQAR's 0.45), tile= (query_tile of the routed kinds, default 1)
+  default 0.15, taken from MQAR's 0.45), tile= (query_tile of the routed kinds, default 1),
+  block= (block_size, default 64; a divisor of 64: the sink is one block, the local window
+  64 tokens, top_k fills the 448 keys, e.g. block=16 routes among 16-token leaves with
+  top_k=22, DESIGN.md section 1.7)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -68,14 +71,19 @@ def get_config(arg=None):
     short_together=False,
     niah=0.15,
     tile=1,
+    block=64,
     smoke=False,
   )
   c = default_config()
   m = c.model
   m.update(num_layers=6, d_model=256, num_heads=8, num_kv_heads=2, mlp_dim=768, remat="none")
   m.short_conv = 4
-  m.attention.update(kind=arg.kind, block_size=64, query_tile=arg.tile, top_k=4, fanout=8, beam=16)
-  m.attention.update(sink_blocks=1, local_blocks=1)
+  if arg.block < 1 or 64 % arg.block:
+    raise ValueError(f"block={arg.block} must divide 64 (the local window in tokens)")
+  local = 64 // arg.block  # 448 keys: one sink block, 64 local tokens, the own block, top_k
+  top_k = 448 // arg.block - 1 - local - 1
+  m.attention.update(kind=arg.kind, block_size=arg.block, query_tile=arg.tile, top_k=top_k)
+  m.attention.update(fanout=8, beam=16, sink_blocks=1, local_blocks=local)
   m.attention.summary = arg.summary
   if arg.kind == "indexer":
     m.attention.update(indexer_heads=4, indexer_dim=32)

@@ -330,13 +330,17 @@ def assemble(paths, out_dir: str, log=print) -> dict:
   run (the chosen rate's sweep record equal) evaluated at other lengths are joined. An
   entry from an older compare.json, whose sweep has no `retrieval_acc`, gets it from its
   own `results` at its `train_len` (the same samples it reports; see the module
-  docstring). Writes compare.{json,md} and the PNGs to `out_dir`."""
+  docstring). A path written `FILE@LABEL` names its mechanisms `name@LABEL`: runs of one
+  mechanism under different variants (e.g. `block=16`) stay separate columns. Writes
+  compare.{json,md} and the PNGs to `out_dir`."""
   merged = {"mechanisms": {}, "sources": list(paths)}
   chosen_of = {}  # mechanism -> the sweep record of the kept entry's rate
-  for path in paths:
+  for source in paths:
+    path, _, label = source.partition("@")
     with open(path) as f:
       part = json.load(f)
     for name, entry in part["mechanisms"].items():
+      name = f"{name}@{label}" if label else name
       entry = dict(entry, sweep=[dict(r) for r in entry["sweep"]])
       chosen = min((r for r in entry["sweep"] if r["lr"] == entry["lr"]), key=_choice_key)
       if "retrieval_acc" not in chosen and not math.isinf(chosen["val_loss"]):

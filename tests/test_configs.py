@@ -106,3 +106,19 @@ def test_ablation_key_length_ladder_and_niah_share():
     module.get_config("short_chars=4-x")
   with pytest.raises(ValueError, match=r"niah=0.7 must be in \[0, 0.6\]"):
     module.get_config("niah=0.7")
+
+
+@pytest.mark.parametrize("block,top_k,local", [(64, 4, 1), (32, 10, 2), (16, 22, 4)])
+def test_ablation_block_size_keeps_the_key_budget(block, top_k, local):
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  attn = resolve(module.get_config(f"block={block}")).model.attention
+  got = (attn.block_size, attn.top_k, attn.local_blocks, attn.sink_blocks)
+  assert got == (block, top_k, local, 1)
+  assert attn.keys_per_query == 448
+  assert attn.local_blocks * attn.block_size == 64
+
+
+def test_ablation_block_size_must_divide_the_local_window():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  with pytest.raises(ValueError, match="block=48 must divide 64"):
+    module.get_config("block=48")

@@ -439,6 +439,29 @@ def test_assemble_joins_lengths_of_the_same_run(tmp_path, order):
     _assemble(tmp_path, at_1x, clash)
 
 
+def test_assemble_labels_keep_variants_of_one_mechanism_apart(tmp_path):
+  # ssa_bounds with 64- and 16-token blocks: without labels one would replace the other.
+  blocks64 = _entry(1e-3, 0.78, (0.52, 64), (1.0, 384), retrieval_acc=0.9)
+  blocks16 = _entry(1e-3, 0.75, (0.88, 64), (1.0, 384), retrieval_acc=0.98)
+  paths = []
+  for i, e in enumerate([blocks64, blocks16]):
+    paths.append(str(tmp_path / f"part{i}.json"))
+    json.dump({"mechanisms": {"ssa_bounds": e}}, open(paths[-1], "w"))
+  merged = compare.assemble([paths[0], paths[1] + "@b16"], str(tmp_path / "m"), log=_quiet)
+  assert list(merged["mechanisms"]) == ["ssa_bounds", "ssa_bounds@b16"]
+  niah = {
+    k: e["results"]["niah (train format)"]["4096"]["mean"] for k, e in merged["mechanisms"].items()
+  }
+  assert niah == {"ssa_bounds": 0.52, "ssa_bounds@b16": 0.88}
+  assert merged["sources"] == [paths[0], paths[1] + "@b16"]
+  assert (
+    "| niah (train format) | 0.52 [0.00, 1.00] n=64 | 0.88 [0.00, 1.00] n=64 |"
+    in open(tmp_path / "m" / "compare.md").read()
+  )
+  unlabelled = compare.assemble(paths, str(tmp_path / "u"), log=_quiet)
+  assert list(unlabelled["mechanisms"]) == ["ssa_bounds"]
+
+
 def test_comparison_table_marks_lengths_a_mechanism_was_not_run_at():
   full = _entry(1e-3, 1.0, (0.0, 64), (0.9, 384))
   full["results"]["mqar (train format)"]["16384"] = _row(0.3, 384)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Lanes of comparison runs. RUNS: space-separated lanes; a lane is '+'-joined runs
-# 'name:mechanisms:variant:lr:mults[:tasks(;-separated):num_samples]'; a run of the same name
+# 'name:mechanisms:variant:lr:mults[:tasks(;-separated, - for none beyond the training formats):num_samples]'; a run of the same name
 # is reused, each spec's compare.json kept as compare_<mults>.json. Results tarred to $OUT (checkpoints excluded).
 # SET: space-separated config overrides for every run (e.g. SET=train.checkpoint_every=100). A lane
 # cut by TMO keeps its checkpoints under /tmp: a call on the same, still warm, machine resumes it.
@@ -13,7 +13,7 @@ for lane in $RUNS; do
     IFS=: read -r n mech var lr mults tasks ns <<< "$spec"
     left=$(( TMO - (SECONDS - T0) )); [ $left -lt 60 ] && { echo "$n skipped" >> $D/done.txt; continue; }
     timeout $left python3 -m experiments.compare_mechanisms --out_dir=$D/$n --mechanisms=$mech \
-      --variant=$var --lrs=$lr --multipliers=$mults --depths=0,0.5,1 --num_samples=${ns:-${NS:-8}} ${tasks:+--tasks=${tasks//;/,}} \
+      --variant=$var --lrs=$lr --multipliers=$mults --depths=0,0.5,1 --num_samples=${ns:-${NS:-8}} $([ "$tasks" = "-" ] && echo --tasks= || echo ${tasks:+--tasks=${tasks//;/,}}) \
       --retrieval_samples=16 --batch_size=8 $(for x in $SET; do echo --set=$x; done) > $D/$n.log 2>&1
     echo "$n ($mults) rc=$? at $((SECONDS-T0)) s" >> $D/done.txt
     cp $D/$n/compare.json $D/$n/compare_${mults//,/_}.json 2>/dev/null; cp $D/$n.log $D/${n}_${mults//,/_}.log
