@@ -41,8 +41,9 @@ No mechanism learns that NIAH here (dense included); at 512 tokens with half the
 NIAH, 4-character keys were learned by step 1,600 (0.8 a token) and 8-character ones not
 in 2,000 steps (`short_niah=0.5`, `--config.data.niah.uuid_chars=4`). A key-length ladder
 does teach it (experiments/results/niah_recipe_h100/):
-`short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=600,niah=0.3` gave NIAH
-0.50 exact at 4K for dense and 0.09 for ssa_bounds (0.20 with `steps=1000`).
+`short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=2000,niah=0.3` gave NIAH
+0.91 exact at 4K for dense, 0.52 for ssa_bounds and 0.88 for ssa_bounds with `block=16`
+(0.66 at 16x with YaRN, dense 0.64).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
