@@ -185,7 +185,9 @@ def load_checkpoint(workdir: str, step: int | None = None):
   """(params, model config of the last stage, ExperimentConfig, step) of a training run.
 
   Reads `config.json` (written by `subq_jax.train.train`) and the orbax checkpoint of
-  `step` (default: the latest) under `workdir/checkpoints`.
+  `step` (default: the latest) under `workdir/checkpoints`, onto this process's first
+  device whatever devices it was saved from (a checkpoint trained on a GPU evaluates on
+  a CPU).
   """
   import orbax.checkpoint as ocp
 
@@ -204,8 +206,10 @@ def load_checkpoint(workdir: str, step: int | None = None):
   model_cfg = train_lib.stage_model_config(cfg, len(cfg.train.stages) - 1)
   _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
   opt_state = jax.eval_shape(train_lib.make_optimizer(cfg.train).init, params)
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # not the saved device's
   abstract = jax.tree.map(
-    ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state}
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+    {"params": params, "opt_state": opt_state},
   )
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   mngr.close()

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -47,6 +48,30 @@ def comparison(tmp_path_factory):
     log=lambda *_: None,
   )
   return out, summary
+
+
+def test_load_checkpoint_saved_on_another_device(comparison, tmp_path):
+  # A run trained on a GPU records its arrays' device (cuda:0) in orbax's sharding
+  # metadata; loading it on a CPU must not fail with a topology mismatch.
+  import shutil
+
+  out, summary = comparison
+  trained = os.path.join(
+    out, "runs", "dense_rope", f"lr{summary['mechanisms']['dense_rope']['lr']:g}"
+  )
+  run = str(shutil.copytree(trained, tmp_path / "r"))
+  meta = [os.path.join(d, "_sharding") for d, _, fs in os.walk(run) if "_sharding" in fs]
+  assert meta
+  for path in meta:
+    saved = json.load(open(path))
+    assert all("cuda" not in v for v in saved.values())
+    gpu = {k: json.dumps(dict(json.loads(v), device_str="cuda:0")) for k, v in saved.items()}
+    json.dump(gpu, open(path, "w"))
+  params, _, _, step = evaluate.load_checkpoint(run)
+  here, _, _, _ = evaluate.load_checkpoint(trained)
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(here), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_comparison_trains_selects_and_tabulates(comparison):
