@@ -471,7 +471,9 @@ def suite_eval(
       if data_cfg is None:
         raise ValueError("suite.train_tasks needs the run's data_cfg")
       t0 = time.time()
-      scores, fraction, routing = _train_format(runner, data_cfg, tokenizer, task, length, suite)
+      scores, fraction, routing, by_position = _train_format(
+        runner, data_cfg, tokenizer, task, length, suite
+      )
       cell = {
         "task": f"{task} (train format)",
         "length": length,
@@ -487,6 +489,7 @@ def suite_eval(
         **scoring.mean_score(scores),
         "scores": [float(x) for x in scores],
         "pairs_fraction": fraction,
+        "answer_acc_by_position": by_position,
         "wall_s": round(time.time() - t0, 2),
       }
       if routing is not None:
@@ -500,7 +503,8 @@ def suite_eval(
       )
       log(
         f"{cell['task']} at {length} tokens: {cell['mean']:.3f} [{cell['lo']:.3f}, "
-        f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%{seen}"
+        f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%{seen}, "
+        "answer token accuracy by position " + " ".join(f"{a:.2f}" for a in by_position)
       )
   return cells
 
@@ -522,7 +526,9 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
 
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
-  (scores per query, pairs fraction, needle routing). For `niah` in a model whose
+  (scores per query, pairs fraction, needle routing, accuracy by answer position: the
+  fraction of queries whose k-th answer token is right, over the queries that long,
+  e.g. a miss in the first character vs in the copying after it). For `niah` in a model whose
   layers select blocks, needle routing is, per layer, the fraction of queries whose
   needle block that layer attends to (`needle_block_attended`; None for layers that
   select no blocks); else None."""
@@ -545,7 +551,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
-  scores, fractions, hits = [], [], []
+  scores, fractions, hits, tokens_ok = [], [], [], []
   for i in range(0, len(seqs), suite.batch_size):
     chunk = seqs[i : i + suite.batch_size]
     tokens = _pad_rows([c["tokens"][:-1] for c in chunk], width, suite.batch_size, tokenizer.pad_id)
@@ -556,7 +562,8 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
       target = c["tokens"][1:]
       spans = answer_spans(c["answer_mask"][1:])
       for a, b in spans:
-        scores.append(float(np.all(pred[j, a:b] == target[a:b])))
+        tokens_ok.append(pred[j, a:b] == target[a:b])
+        scores.append(float(np.all(tokens_ok[-1])))
       if routed:
         hits.append(
           [
@@ -570,7 +577,9 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for layer in range(len(layers)):
       seen = None if hits[0][layer] is None else np.concatenate([h[layer] for h in hits])
       routing.append(None if seen is None else float(np.mean(seen)))
-  return scores, float(np.mean(fractions)), routing
+  longest = max((len(ok) for ok in tokens_ok), default=0)
+  by_position = [float(np.mean([ok[k] for ok in tokens_ok if len(ok) > k])) for k in range(longest)]
+  return scores, float(np.mean(fractions)), routing, by_position
 
 
 def pool(cells: list[dict]) -> dict:

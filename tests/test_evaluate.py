@@ -227,11 +227,12 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
   # The training-format sequences' last target is not among the inputs: record them.
   from subq_jax.data import pipeline
 
-  whole, make_sample = {}, pipeline.make_sample
+  whole, masks, make_sample = {}, {}, pipeline.make_sample
 
   def recording(*args, **kwargs):
     sample = make_sample(*args, **kwargs)
     whole[sample["tokens"][:-1].tobytes()] = sample["tokens"][1:]
+    masks[sample["tokens"][:-1].tobytes()] = sample["answer_mask"][1:]
     return sample
 
   def teacher_forced(self, tokens):
@@ -240,7 +241,10 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
       target = whole.get(row[:3000].tobytes())
       if target is not None:
         shifted[r, :3000] = target
-    return (shifted + (1 if wrong[0] else 0)), 0.5
+        if wrong[0] == "first":  # only each answer's first token wrong
+          for a, _ in evaluate.answer_spans(masks[row[:3000].tobytes()]):
+            shifted[r, a] += 1
+    return (shifted + (1 if wrong[0] == "no" else 0)), 0.5
 
   def select_all(self, tokens):  # every earlier block chosen by every tile
     cfg = self.model_cfg.attention
@@ -255,11 +259,13 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
   monkeypatch.setattr(evaluate._Runner, "selections", select_all)
   data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3)
   kw = dict(corpus_root=ROOT, val_fraction=0.3, data_cfg=data_cfg, log=lambda *_: None)
-  for wrong[0], expect in ((None, 1.0), ("no", 0.0)):
+  for wrong[0], expect in ((None, 1.0), ("no", 0.0), ("first", 0.0)):
     cells = evaluate.suite_eval(None, ModelConfig(dtype="float32"), 1000, suite, **kw)
     trained = {"niah (train format)", "mqar (train format)"}
     assert {c["task"] for c in cells} == set(suite.tasks) | trained
     for c in cells:
+      if wrong[0] == "first" and c["task"] not in trained:
+        continue  # "first" breaks only the training formats' first answer tokens
       assert c["mean"] == expect, (c["task"], c["scores"])
       per_sample = {
         "mqar": ruler.tasks.MQARConfig().num_queries,
@@ -273,6 +279,12 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
     assert sum(b["n"] for b in mqar["by_distance"]) == mqar["n"]
     niah = next(c for c in cells if c["task"] == "niah (train format)")
     assert niah["needle_block_attended"] == [1.0] * ModelConfig().num_layers
+    for c in cells:
+      if c["task"] in trained:  # one entry per answer token: the value's characters
+        after = 1.0 if wrong[0] != "no" else 0.0  # "first": the rest is still right
+        task = c["task"].split()[0]
+        size = data_cfg.niah.uuid_chars if task == "niah" else data_cfg.mqar.value_len
+        assert c["answer_acc_by_position"] == [expect] + [after] * (size - 1), task
     assert "needle_block_attended" not in next(
       c for c in cells if c["task"] == "mqar (train format)"
     )
@@ -315,7 +327,7 @@ def test_needle_routing_of_a_real_ssa_model():
                        dtype="float32", attention=attn)  # fmt: skip
     _, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
     runner = evaluate._Runner(params, mcfg)
-    scores, _, routing = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    scores, _, routing, _ = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
     assert len(scores) == 2 * data_cfg.niah.num_queries
     out[top_k] = routing
   assert out[16] == [1.0, 1.0]
