@@ -623,15 +623,16 @@ def suite_table(cells: list[dict], train_len: int) -> str:
     np.mean([r["pairs_fraction"] for (_, n), r in pooled.items() if n == m]) for m in lengths
   ]
   lines.append("| pairs attended | | " + " | ".join(f"{100 * p:.2f}%" for p in pairs) + " |")
-  routed = {
-    (c["task"], c["length"]): c["needle_block_attended"]
-    for c in cells
-    if "needle_block_attended" in c
-  }
-  for t in dict.fromkeys(t for t, _ in routed):
-    by = [routed.get((t, n)) for n in lengths]
-    row = [" ".join("-" if x is None else f"{x:.2f}" for x in r) if r else "" for r in by]
-    lines.append(f"| {t}: needle block attended, by layer | | " + " | ".join(row) + " |")
+  per_cell = (  # field, its row's label, the fewest entries worth a row
+    ("needle_block_attended", "needle block attended, by layer", 1),
+    ("answer_acc_by_position", "answer token accuracy, by position", 2),
+  )
+  for key, label, fewest in per_cell:
+    got = {(c["task"], c["length"]): c[key] for c in cells if len(c.get(key) or ()) >= fewest}
+    for t in dict.fromkeys(t for t, _ in got):
+      by = [got.get((t, n)) for n in lengths]
+      row = [" ".join("-" if x is None else f"{x:.2f}" for x in r) if r else "" for r in by]
+      lines.append(f"| {t}: {label} | | " + " | ".join(row) + " |")
   if skipped:
     lines.append(
       "\nskipped (the task's fixed text does not fit): "

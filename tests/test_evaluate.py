@@ -357,6 +357,11 @@ def test_suite_table_hand_worked():
   routed = dict(cells[0], task="niah (train format)", needle_block_attended=[None, 0.25, 1.0])
   table = evaluate.suite_table([*cells, routed], 512)
   assert "| niah (train format): needle block attended, by layer | | - 0.25 1.00 |" in table
+  read = dict(routed, answer_acc_by_position=[0.5, 0.875, 1.0])
+  one = dict(cells[0], task="mqar (train format)", answer_acc_by_position=[0.75])
+  table = evaluate.suite_table([*cells, read, one], 512)
+  assert "| niah (train format): answer token accuracy, by position | | 0.50 0.88 1.00 |" in table
+  assert "mqar (train format): answer token" not in table  # one token: the row above says it
 
 
 def _row(mean, n):
