@@ -526,12 +526,13 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
 
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
-  (scores per query, pairs fraction, needle routing, accuracy by answer position: the
-  fraction of queries whose k-th answer token is right, over the queries that long,
-  e.g. a miss in the first character vs in the copying after it). For `niah` in a model whose
-  layers select blocks, needle routing is, per layer, the fraction of queries whose
-  needle block that layer attends to (`needle_block_attended`; None for layers that
-  select no blocks); else None."""
+  (scores per query, pairs fraction, needle routing, accuracy by answer position).
+  Accuracy by position: per k, the fraction of queries (of those with k+1 answer tokens
+  or more) whose k-th answer token is right; a miss in the first character (finding the
+  value) against one in the copy after it. For `niah` in a model whose layers select
+  blocks, needle routing is, per layer, the fraction of queries whose needle block that
+  layer attends to (`needle_block_attended`; None for layers that select no blocks);
+  else None."""
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
   index = ("niah", "mqar").index(task)
   layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
