@@ -1,0 +1,20 @@
+#!/bin/bash
+# Session 12: dense and ssa_bounds (16-token blocks) on the NIAH recipe with 3,000 steps at 4K
+# and NIAH 45% of the 4K stage (MQAR 15%), RULER-style tasks at 1x, over consecutive calls on
+# one warm machine (checkpoints every 100 steps); CKPT="b16" brings that lane's newest checkpoint back in 15 MB parts.
+V=short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1
+L_b16="b16:ssa_bounds:$V,block=16:1e-3:1::16+b16:ssa_yarn:$V,block=16:1e-3:4,16:-:8"
+L_dn="dn:dense_rope:$V:1e-3:1::16+dn:dense_yarn:$V:1e-3:4,16:-:8"
+L_sl="sl:sliding:$V,block=16:1e-3:1::16+sl:sliding:$V,block=16:1e-3:4,16:-:8"
+declare -A TRAINED=([b16]=ssa_bounds [dn]=dense_rope [sl]=sliding)
+LANES=${LANES:-dn b16}; RUNS=""; for n in $LANES; do v=L_$n; RUNS="$RUNS ${!v}"; done
+D=/tmp/c8_s12; mkdir -p $D
+( while sleep 20; do for n in $LANES; do f=$D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl; [ -f $f ] && cp $f $OUT/metrics_$n.jsonl; done; done ) > /dev/null 2>&1 &
+LOOP=$!
+RUNS="$RUNS" SET="train.checkpoint_every=100" TAG=s12 TMO=${TMO:-560} bash runs/cmp/c8.sh
+kill $LOOP
+for n in $LANES; do
+  c=$D/$n/runs/${TRAINED[$n]}/lr0.001/checkpoints; last=$(ls $c 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
+  echo "$n newest checkpoint: $last"; cp $D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl $OUT/metrics_$n.jsonl
+  [ -n "$last" ] && [[ " $CKPT " == *" $n "* ]] && tar cf - -C $D $n/runs/${TRAINED[$n]}/lr0.001/checkpoints/$last | split -b 15M - $OUT/ckpt_${n}_$last.tar.
+done
