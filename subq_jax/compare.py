@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from subq_jax.data import ruler, scoring
+
 # name: (variant of configs/ablation.py, the mechanism whose trained runs it reuses)
 MECHANISMS = {
   "ssa_mean": ("kind=ssa,summary=mean", None),
@@ -402,7 +404,9 @@ def _fmt_rate(r: dict) -> str:
 def comparison_table(summary: dict) -> str:
   """Markdown: one summary table (the chosen learning rate with each rate's retrieval
   accuracy at 1x and held-out loss, budget, pairs attended, wall time), then
-  per evaluation length a task x mechanism table of accuracy [95% interval] n."""
+  per evaluation length a task x mechanism table of accuracy [95% interval] n, with the
+  RULER average of the `ruler.RULER` tasks present (`scoring.task_average`) and its
+  difference from the first dense mechanism (`scoring.difference`)."""
   mechs = summary["mechanisms"]
   names = list(mechs)
   lengths = sorted({int(n) for e in mechs.values() for by in e["results"].values() for n in by})
@@ -439,12 +443,45 @@ def comparison_table(summary: dict) -> str:
       has = any(str(n) in mechs[m]["results"].get(t, {}) for m in names)
       row = [_cell(mechs[m], t, n, has) for m in names]
       lines.append(f"| {t} | " + " | ".join(row) + " |")
+    lines += _ruler_average_rows(mechs, n)
   lines += [
     "",
     "not run: that mechanism was not evaluated on the task at that length; skipped: the "
     "task's fixed text does not fit that length.",
   ]
   return "\n".join(lines)
+
+
+def ruler_averages(mechs: dict, n: int) -> tuple[list[str], dict]:
+  """(RULER tasks, {mechanism: `scoring.task_average`}) at length n: the tasks of
+  `ruler.RULER` some mechanism has there, averaged for each mechanism that has them all."""
+  tasks = [t for t in ruler.RULER if any(str(n) in e["results"].get(t, {}) for e in mechs.values())]
+  averages = {}
+  for name, e in mechs.items():
+    rows = [e["results"].get(t, {}).get(str(n)) for t in tasks]
+    if tasks and all(rows):
+      averages[name] = scoring.task_average(rows)
+  return tasks, averages
+
+
+def _ruler_average_rows(mechs: dict, n: int) -> list[str]:
+  """The RULER average row (and, against the first dense mechanism, the difference row)."""
+  tasks, averages = ruler_averages(mechs, n)
+  if not averages:
+    return []
+  label = f"RULER average ({len(tasks)} tasks: {', '.join(tasks)})"
+  lines = [f"| {label} | " + " | ".join(_fmt(averages.get(m)) or "not run" for m in mechs) + " |"]
+  ref = next((m for m in mechs if mechs[m].get("kind") == "dense" and m in averages), None)
+  if ref is not None and len(averages) > 1:
+    cells = []
+    for m in mechs:
+      if m == ref or m not in averages:
+        cells.append("")
+        continue
+      d = scoring.difference(averages[m], averages[ref])
+      cells.append(f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+    lines.append(f"| RULER average minus {ref} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _cell(entry: dict, task: str, n: int, others_have: bool) -> str:

@@ -539,6 +539,36 @@ def test_comparison_table_tells_tasks_not_run_from_tasks_skipped():
   assert "| cwe | skipped |" in table and "| cwe | 0.50 [0.00, 1.00] n=8 |" in table
 
 
+def test_comparison_table_averages_ruler_tasks_and_compares_with_dense():
+  dense = _entry(1e-3, 1.0, (0.9, 64), (1.0, 384))
+  dense["kind"] = "dense"
+  ssa = _entry(1e-3, 1.0, (0.9, 64), (1.0, 384))
+  partial = _entry(1e-3, 1.0, (0.9, 64), (1.0, 384))
+  # niah_single_1 at 1.0 n=8 in every entry (_entry); add vt (RULER) and niah_uuid (not).
+  dense["results"]["vt"] = {"4096": _row(0.5, 8)}
+  ssa["results"]["vt"] = {"4096": _row(0.25, 8)}
+  for e in (dense, ssa, partial):
+    e["results"]["niah_uuid"] = {"4096": _row(0.0, 8)}
+  mechs = {"dense_rope": dense, "ssa_bounds": ssa, "block_topk": partial}
+  tasks, averages = compare.ruler_averages(mechs, 4096)
+  assert tasks == ["niah_single_1", "vt"]  # RULER's order; niah_uuid is not a RULER task
+  assert set(averages) == {"dense_rope", "ssa_bounds"}  # block_topk lacks vt
+  assert averages["dense_rope"]["mean"] == 0.75 and averages["ssa_bounds"]["mean"] == 0.625
+  table = compare.comparison_table({"mechanisms": mechs})
+  a, b = averages["dense_rope"], averages["ssa_bounds"]
+  row = (
+    f"| RULER average (2 tasks: niah_single_1, vt) | 0.75 [{a['lo']:.2f}, {a['hi']:.2f}] n=16 "
+    f"| 0.62 [{b['lo']:.2f}, {b['hi']:.2f}] n=16 | not run |"
+  )
+  assert row in table
+  d = scoring.difference(b, a)
+  assert (
+    f"| RULER average minus dense_rope |  | -0.125 [{d['lo']:+.3f}, {d['hi']:+.3f}] |  |" in table
+  )
+  # No RULER task at 16384: no average row there.
+  assert table.count("RULER average (") == 1
+
+
 @pytest.mark.parametrize("order", [1, -1])
 def test_assemble_computes_missing_accuracy_from_results(tmp_path, order):
   # Older files: no retrieval_acc; pooled from the entry's own results at train_len

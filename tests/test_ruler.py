@@ -1,6 +1,7 @@
 """RULER-style, MRCR-style and MQAR generators (subq_jax.data.ruler) and their scoring."""
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -295,6 +296,30 @@ def test_wilson_interval_hand_worked():
   buckets = scoring.bucket_by_distance([5, 15, 25, 12], [1, 0, 1, 1], [0, 10, 20, 30])
   assert [b["n"] for b in buckets] == [1, 2, 1]
   assert [b["mean"] for b in buckets] == [1.0, 0.5, 1.0]
+
+
+def test_task_average_and_difference_hand_worked():
+  # Task 1: 5/10 -> adjusted p (5 + 2) / 14 = 0.5, variance 0.25 / 14.
+  # Task 2: 20/20 -> adjusted p 22 / 24, variance (22/24)(2/24) / 24.
+  # Mean 0.75, se = sqrt(0.25/14 + 22*2/24**3) / 2 = 0.07252.
+  r = scoring.task_average([{"mean": 0.5, "n": 10}, {"mean": 1.0, "n": 20}])
+  se = math.sqrt(0.25 / 14 + 22 * 2 / 24**3) / 2
+  assert r["mean"] == 0.75 and r["n"] == 30 and r["tasks"] == 2
+  assert r["se"] == pytest.approx(se) and se == pytest.approx(0.07252, abs=1e-5)
+  assert (r["lo"], r["hi"]) == (
+    pytest.approx(0.75 - 1.96 * se, abs=1e-4),
+    pytest.approx(0.75 + 1.96 * se, abs=1e-4),
+  )
+  # Every task at 0: the interval still has width, and is clipped at 0.
+  z = scoring.task_average([{"mean": 0.0, "n": 48}, {"mean": 0.0, "n": 16}])
+  assert z["lo"] == 0.0 and 0.0 < z["hi"] < 0.1
+  d = scoring.difference(r, z)
+  assert d["mean"] == 0.75 and d["se"] == pytest.approx(math.hypot(r["se"], z["se"]))
+  assert d["lo"] < 0.75 < d["hi"]
+  with pytest.raises(ValueError, match="n >= 1"):
+    scoring.task_average([{"mean": 0.5, "n": 0}])
+  with pytest.raises(ValueError, match="at least one"):
+    scoring.task_average([])
 
 
 @pytest.mark.parametrize("name", ["niah_single_2", "niah_multivalue", "niah_multikey_2", "qa_2"])

@@ -1,7 +1,9 @@
 """Scoring of generated answers: RULER's string match, MRCR's similarity, accuracy intervals.
 
 Per-sample functions return a score in [0, 1]; `mean_score` and `wilson_interval` turn a
-list of them into the number reported with its sample count and 95% interval.
+list of them into the number reported with its sample count and 95% interval;
+`task_average` averages tasks (RULER's headline number) and `difference` compares two
+such averages, each with a 95% interval.
 
 - `string_match_all` (RULER niah, vt, cwe, fwe): the fraction of the references found in
   the prediction, case-insensitively.
@@ -98,6 +100,46 @@ def mean_score(scores: Sequence[float]) -> dict:
     return {"mean": float("nan"), "n": 0, "lo": float("nan"), "hi": float("nan")}
   lo, hi = wilson_interval(float(scores.sum()), n)
   return {"mean": float(scores.mean()), "n": n, "lo": lo, "hi": hi}
+
+
+def _adjusted_variance(mean: float, n: int) -> float:
+  """Variance of one task's mean, from the Agresti-Coull proportion (x + 2) / (n + 4):
+  a task at 0/n or n/n still contributes its uncertainty."""
+  p = (mean * n + 2) / (n + 4)
+  return p * (1 - p) / (n + 4)
+
+
+def task_average(rows: Sequence[dict], z: float = Z_95) -> dict:
+  """The unweighted mean of per-task accuracies (RULER's average), with a 95% interval.
+
+  rows: one {"mean", "n"} per task (samples of different tasks independent). The interval
+  is normal over the tasks' summed variances (`_adjusted_variance`), clipped to [0, 1].
+  Returns {"mean", "lo", "hi", "se", "n" (samples in all), "tasks"}.
+  """
+  if not rows:
+    raise ValueError("task_average needs at least one task")
+  bad = [r for r in rows if r["n"] < 1 or not 0 <= r["mean"] <= 1]
+  if bad:
+    raise ValueError(f"task_average: rows need n >= 1 and mean in [0, 1], got {bad}")
+  k = len(rows)
+  mean = sum(r["mean"] for r in rows) / k
+  se = math.sqrt(sum(_adjusted_variance(r["mean"], r["n"]) for r in rows)) / k
+  return {
+    "mean": mean,
+    "lo": max(0.0, mean - z * se),
+    "hi": min(1.0, mean + z * se),
+    "se": se,
+    "n": int(sum(r["n"] for r in rows)),
+    "tasks": k,
+  }
+
+
+def difference(a: dict, b: dict, z: float = Z_95) -> dict:
+  """a - b of two `task_average` results, with a 95% interval treating them as
+  independent (conservative when both ran on the same samples)."""
+  se = math.hypot(a["se"], b["se"])
+  d = a["mean"] - b["mean"]
+  return {"mean": d, "lo": d - z * se, "hi": d + z * se, "se": se}
 
 
 def bucket_by_distance(distances, scores, edges) -> list[dict]:
