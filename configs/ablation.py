@@ -15,7 +15,10 @@
   default 0.15, taken from MQAR's 0.45), tile= (query_tile of the routed kinds, default 1),
   block= (block_size, default 64; a divisor of 64: the sink is one block, the local window
   64 tokens, top_k fills the 448 keys, e.g. block=16 routes among 16-token leaves with
-  top_k=22, DESIGN.md section 1.7)
+  top_k=22, DESIGN.md section 1.7), short_ruler= (the short stages' share of RULER-format
+  samples, default 0, taken from MQAR: the `SHORT_RULER_TASKS` whose fixed text fits 512
+  tokens, so the question-to-needle lookup of RULER's prompts is learned where the
+  training format's was)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -54,6 +57,10 @@ by step 800, with 2e-3 only the indexer (by step 1,000). Then 200 steps of 16 x 
 
 from subq_jax.experiment import default_config, parse_arg
 
+# The RULER-format tasks of the training mixture whose fixed text (instructions, needle,
+# question, answer room) fits a 512-token short stage; the others need 640 to 768.
+SHORT_RULER_TASKS = ("niah_single_1", "niah_single_2", "vt")
+
 
 def get_config(arg=None):
   arg = parse_arg(
@@ -70,6 +77,7 @@ def get_config(arg=None):
     short_niah=0.1,
     short_chars="",
     short_together=False,
+    short_ruler=0.0,
     niah=0.15,
     tile=1,
     block=64,
@@ -122,10 +130,21 @@ def get_config(arg=None):
         f"short_steps={arg.short_steps!r} needs one count or one per "
         f"short_chars={arg.short_chars!r}"
       )
-    mixture = {"code": 0.1, "niah": arg.short_niah, "mqar": 0.9 - arg.short_niah}
+    if not 0 <= arg.short_ruler <= round(0.9 - arg.short_niah, 6):
+      raise ValueError(
+        f"short_ruler={arg.short_ruler} must be in [0, 0.9 - short_niah={arg.short_niah}]"
+      )
+    if arg.short_ruler and arg.short < 512:
+      raise ValueError(f"short_ruler={arg.short_ruler} needs short >= 512, got short={arg.short}")
+    mqar = round(0.9 - arg.short_niah - arg.short_ruler, 6)
+    mixture = {"code": 0.1, "niah": arg.short_niah, "mqar": mqar}
+    if arg.short_ruler:
+      mixture["ruler"] = arg.short_ruler
     for n, k in reversed(list(zip(chars, steps_each, strict=True))):
       short = dict(seq_len=arg.short, steps=k, batch_size=arg.short_batch)
       short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
+      if arg.short_ruler:
+        short["data"]["ruler_tasks"] = SHORT_RULER_TASKS
       niah = dict(uuid_chars=n) if n else {}
       if arg.short_together:
         niah["together"] = True

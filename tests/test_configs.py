@@ -122,3 +122,39 @@ def test_ablation_block_size_must_divide_the_local_window():
   module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
   with pytest.raises(ValueError, match="block=48 must divide 64"):
     module.get_config("block=48")
+
+
+def test_ablation_short_ruler_share_and_tasks_that_fit_512():
+  from subq_jax.data import corpus, pipeline, ruler
+
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("short_chars=4-8,short_niah=0.45,short_ruler=0.2"))
+  for stage in (0, 1):
+    data = train_lib.stage_data_config(cfg, stage)
+    assert dict(data.mixture) == pytest.approx(
+      {"code": 0.1, "niah": 0.45, "mqar": 0.25, "ruler": 0.2}
+    )
+    assert data.ruler_tasks == module.SHORT_RULER_TASKS
+  last = train_lib.stage_data_config(cfg, 2)
+  assert last.ruler_tasks == pipeline.RULER_TASKS  # the 4096 stage keeps every task
+  without = resolve(module.get_config("short_chars=4-8,short_niah=0.45"))
+  assert "ruler" not in dict(train_lib.stage_data_config(without, 0).mixture)
+  # The list is exact: these build in a 512-token stage, the other training tasks do not.
+  data = train_lib.stage_data_config(resolve(module.get_config("short_ruler=0.3")), 0)
+  data = dataclasses.replace(data, corpus_root=os.path.join(os.path.dirname(__file__), ".."))
+  tok = data.make_tokenizer()
+  stream = corpus.token_stream(tok, "train", data.val_fraction, data.corpus_root)
+  source = ruler.Source(tok, "train", data.val_fraction, data.corpus_root)
+  for name in module.SHORT_RULER_TASKS:
+    one = dataclasses.replace(data, ruler_tasks=(name,))
+    for seed in range(8):
+      rng = np.random.default_rng(seed)
+      sample = pipeline.make_sample(one, tok, stream, 512, rng, "ruler", text_source=source)
+      assert len(sample["tokens"]) == 513 and 7 <= sample["answer_mask"].sum() <= 40
+  for name in set(pipeline.RULER_TASKS) - set(module.SHORT_RULER_TASKS):
+    with pytest.raises(ValueError):
+      ruler.generate(name, 512, seed=0, source=source)
+  with pytest.raises(ValueError, match=r"short_ruler=0.5 must be in \[0, 0.9 - short_niah=0.45\]"):
+    module.get_config("short_niah=0.45,short_ruler=0.5")
+  with pytest.raises(ValueError, match="short_ruler=0.2 needs short >= 512, got short=256"):
+    module.get_config("short=256,short_ruler=0.2")
