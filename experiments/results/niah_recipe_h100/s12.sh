@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session 12: dense and ssa_bounds (16-token blocks) on the NIAH recipe with 3,000 steps at 4K
 # and NIAH 45% of the 4K stage (MQAR 15%), RULER-style tasks at 1x, over consecutive calls on
-# one warm machine (checkpoints every 100 steps); CKPT="b16" brings that lane's newest checkpoint back in 15 MB parts.
+# one warm machine (checkpoints every 100 steps). LANES: dn, b16, sl (sliding, 16-token blocks);
+# CKPT="b16 ..." brings those lanes' newest checkpoints back in 15 MB parts.
 V=short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1
 L_b16="b16:ssa_bounds:$V,block=16:1e-3:1::16+b16:ssa_yarn:$V,block=16:1e-3:4,16:-:8"
 L_dn="dn:dense_rope:$V:1e-3:1::16+dn:dense_yarn:$V:1e-3:4,16:-:8"
