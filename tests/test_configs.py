@@ -141,7 +141,9 @@ def test_ablation_short_ruler_share_and_tasks_that_fit_512():
   assert "ruler" not in dict(train_lib.stage_data_config(without, 0).mixture)
   # The list is exact: these build in a 512-token stage, the other training tasks do not.
   data = train_lib.stage_data_config(resolve(module.get_config("short_ruler=0.3")), 0)
-  data = dataclasses.replace(data, corpus_root=os.path.join(os.path.dirname(__file__), ".."))
+  data = dataclasses.replace(
+    data, corpus_root=os.path.join(os.path.dirname(__file__), "..", "subq_jax")
+  )
   tok = data.make_tokenizer()
   stream = corpus.token_stream(tok, "train", data.val_fraction, data.corpus_root)
   source = ruler.Source(tok, "train", data.val_fraction, data.corpus_root)

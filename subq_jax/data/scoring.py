@@ -136,7 +136,8 @@ def task_average(rows: Sequence[dict], z: float = Z_95) -> dict:
 
 def difference(a: dict, b: dict, z: float = Z_95) -> dict:
   """a - b of two `task_average` results, with a 95% interval treating them as
-  independent (conservative when both ran on the same samples)."""
+  independent (conservative when they are positively correlated, as two models scored
+  on the same samples usually are)."""
   se = math.hypot(a["se"], b["se"])
   d = a["mean"] - b["mean"]
   return {"mean": d, "lo": d - z * se, "hi": d + z * se, "se": se}
