@@ -48,8 +48,10 @@ does teach it (experiments/results/niah_recipe_h100/):
 0.91 exact at 4K for dense, 0.52 for ssa_bounds and 0.88 for ssa_bounds with `block=16`
 (0.66 at 16x with YaRN, dense 0.64); `steps=3000,niah=0.45` gave dense 0.98 and
 ssa_bounds with `block=16` 0.94 (0.86 and 0.81 at 16x with YaRN), while RULER's
-formats stayed near 0.10 for both: the lookup from RULER's question is not learned
-(`short_ruler=` is the attempt).
+formats stayed near 0.10 for both: the lookup from RULER's question is not learned.
+`short_ruler=0.2` learns it (RULER niah_single_1 1.00 for dense and SSA, average 0.42 /
+0.41), but in that training SSA's own NIAH fell to 0.80 at 4K and 0.17 at 16x (one
+training; session 13 of the results README).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at

@@ -4,9 +4,12 @@ python -m experiments.evaluate --workdir=runs/abl_ssa --suite=niah,ruler --lengt
 python -m experiments.evaluate --workdir=runs/quickstart --suite=niah_single_2 \
     --lengths=256,1K,4K --depths=0,0.5,1 --num_samples=20 --yarn
 python -m experiments.evaluate --workdir=runs/np --suite= --train_tasks=niah --yarn
+python -m experiments.evaluate --workdir=runs/np --suite= --train_tasks=niah --yarn --beam=64
 
 The last form scores the run's own training-format tasks; for models whose layers select
 blocks, its NIAH cells also say, per layer, how often the needle's block was attended.
+`--beam` re-runs an `ssa` model with a wider (or narrower) routing descent: the blocks
+attended per query (`top_k`) and so the pairs attended are unchanged.
 
 Greedy decoding with a KV cache (MQAR: teacher-forced exact match), batched; writes
 suite.json (every cell with its sample count, 95% Wilson interval, filler and the fraction
@@ -31,6 +34,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50, "samples per (task, lengt
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences decoded together")
 _YARN = flags.DEFINE_bool(
   "yarn", None, "YaRN-scale RoPE beyond the training length (default: the run's eval.yarn)"
+)
+_BEAM = flags.DEFINE_integer(
+  "beam", None, "routing beam of the ssa layers at evaluation (default: the run's); top_k unchanged"
 )
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _SEED = flags.DEFINE_integer("seed", 0, "sample seed")
@@ -58,6 +64,7 @@ def main(argv):
     out_dir=_OUT.value,
     train_tasks=tuple(_TRAIN_TASKS.value),
     train_samples=_TRAIN_SAMPLES.value,
+    beam=_BEAM.value,
   )
 
 

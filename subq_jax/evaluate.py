@@ -216,6 +216,18 @@ def load_checkpoint(workdir: str, step: int | None = None):
   return restored.state["params"], model_cfg, cfg, step
 
 
+def with_beam(model_cfg: ModelConfig, beam: int) -> ModelConfig:
+  """`model_cfg` with the routing descent's beam set to `beam` (an evaluation knob: the
+  trained weights do not depend on it). Only layers of kind `ssa` descend a tree."""
+  kinds = {model_cfg.layer_attention(i).kind for i in range(model_cfg.num_layers)}
+  if "ssa" not in kinds:
+    raise ValueError(f"beam={beam} needs an `ssa` layer; this model's layers are {sorted(kinds)}")
+  if not isinstance(beam, int) or beam < 1:
+    raise ValueError(f"beam={beam!r}: must be a positive integer")
+  attention = dataclasses.replace(model_cfg.attention, beam=beam)
+  return dataclasses.replace(model_cfg, attention=attention)
+
+
 def parse_lengths(spec: str, train_len: int) -> list[int]:
   """'1x,4x,16x' (multiples of the training length), '4096,16K' or a mix -> tokens."""
   out = []
@@ -762,18 +774,23 @@ def evaluate_checkpoint(
   label: str = "",
   train_tasks: tuple[str, ...] = (),
   train_samples: int = 32,
+  beam: int | None = None,
   log=print,
 ) -> dict:
   """Loads a training run's checkpoint, runs the named suites (`ruler.suite` names or
   task names; `train_tasks`: the run's own training-format `niah` / `mqar`) and writes
   suite.json, suite.md and the PNGs to `out_dir` (default `workdir/eval`). `yarn` None
-  takes the run's `eval.yarn`."""
+  takes the run's `eval.yarn`. `beam` (None: the run's) widens or narrows the routing
+  descent of the `ssa` layers at evaluation: it changes which blocks are found, not how
+  many are attended (`top_k`), so the pairs attended stay the same."""
   import time
 
   from subq_jax.data import ruler
 
   t0 = time.time()
   params, model_cfg, cfg, step = load_checkpoint(workdir, step)
+  if beam is not None:
+    model_cfg = with_beam(model_cfg, beam)
   train_len = cfg.train.stages[-1].seq_len
   tasks = tuple(dict.fromkeys(t for name in suites for t in ruler.suite(name)))
   suite = SuiteConfig(

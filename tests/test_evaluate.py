@@ -609,3 +609,35 @@ def test_assemble_real_h100_comparisons(tmp_path):
   # ssa_mean only in the first two: steps200's MQAR 51 of 384 over 38 of 384.
   assert merged["ssa_mean"]["results"] == parts[1]["ssa_mean"]["results"]
   assert "0.001: acc 0.77, loss 1.062" in open(tmp_path / "compare.md").read()
+
+
+def test_with_beam_changes_the_descent_only():
+  """`--beam` at evaluation: a beam covering every tree node finds exactly the flat top-k
+  of block_topk over the same summaries (the descent prunes nothing), a beam of 1 does
+  not, and the number of blocks attended stays top_k."""
+  from subq_jax.config import SSAConfig
+  from subq_jax.model import ModelConfig
+  from subq_jax.ssa import ssa_attention
+
+  attn = SSAConfig(block_size=8, query_tile=1, top_k=3, fanout=2, beam=1, summary="bounds")
+  mcfg = ModelConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                     dtype="float32", attention=attn)  # fmt: skip
+  wide = evaluate.with_beam(mcfg, 64)
+  assert wide.attention == dataclasses.replace(attn, beam=64)
+  assert dataclasses.replace(wide, attention=attn) == mcfg
+  q, k, v = jax.random.normal(jax.random.key(5), (3, 1, 256, 2, 16))
+  k, v = k[:, :, :1], v[:, :, :1]
+
+  def selected(a):
+    _, info = ssa_attention(q, k, v, a, implementation="xla", return_info=True)
+    return np.asarray(info.selected_blocks)
+
+  flat = selected(dataclasses.replace(attn, kind="block_topk"))
+  np.testing.assert_array_equal(selected(wide.attention), flat)
+  narrow = selected(attn)
+  assert (narrow != flat).any() and ((narrow >= 0).sum(-1) == (flat >= 0).sum(-1)).all()
+  with pytest.raises(ValueError, match=r"beam=0"):
+    evaluate.with_beam(mcfg, 0)
+  dense = dataclasses.replace(mcfg, attention=dataclasses.replace(attn, kind="dense"))
+  with pytest.raises(ValueError, match=r"beam=8 needs an `ssa` layer.*\['dense'\]"):
+    evaluate.with_beam(dense, 8)

@@ -3,16 +3,18 @@
 # and NIAH 45% of the 4K stage (MQAR 15%), RULER-style tasks at 1x, over consecutive calls on
 # one warm machine (checkpoints every 100 steps). LANES: dn, b16, sl (sliding, 16-token blocks);
 # CKPT="b16 ..." brings those lanes' newest checkpoints back in 15 MB parts.
-V=short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1
+# Session 13: EXTRA=,short_ruler=0.2 TAG=s13 LANES="dn b16" (EXTRA is appended to the variant).
+V=short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1${EXTRA}
+TAG=${TAG:-s12}
 L_b16="b16:ssa_bounds:$V,block=16:1e-3:1::16+b16:ssa_yarn:$V,block=16:1e-3:4,16:-:8"
 L_dn="dn:dense_rope:$V:1e-3:1::16+dn:dense_yarn:$V:1e-3:4,16:-:8"
 L_sl="sl:sliding:$V,block=16:1e-3:1::16+sl:sliding:$V,block=16:1e-3:4,16:-:8"
 declare -A TRAINED=([b16]=ssa_bounds [dn]=dense_rope [sl]=sliding)
 LANES=${LANES:-dn b16}; RUNS=""; for n in $LANES; do v=L_$n; RUNS="$RUNS ${!v}"; done
-D=/tmp/c8_s12; mkdir -p $D
+D=/tmp/c8_$TAG; mkdir -p $D
 ( while sleep 20; do for n in $LANES; do f=$D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl; [ -f $f ] && cp $f $OUT/metrics_$n.jsonl; done; done ) > /dev/null 2>&1 &
 LOOP=$!
-RUNS="$RUNS" SET="train.checkpoint_every=100" TAG=s12 TMO=${TMO:-560} bash runs/cmp/c8.sh
+RUNS="$RUNS" SET="train.checkpoint_every=100" TAG=$TAG TMO=${TMO:-560} bash runs/cmp/c8.sh
 kill $LOOP
 for n in $LANES; do
   c=$D/$n/runs/${TRAINED[$n]}/lr0.001/checkpoints; last=$(ls $c 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
