@@ -18,7 +18,9 @@
   top_k=22, DESIGN.md section 1.7), short_ruler= (the short stages' share of RULER-format
   samples, default 0, taken from MQAR: the `SHORT_RULER_TASKS` whose fixed text fits 512
   tokens, so the question-to-needle lookup of RULER's prompts is learned where the
-  training format's was)
+  training format's was), task_min= (`data.task_min_len`: the 4096 stage's task samples
+  are built at a length in [task_min, 4096] and placed anywhere among code, so their
+  queries are not always at the sequence's end; default 0, full length)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -83,6 +85,7 @@ def get_config(arg=None):
     short_chars="",
     short_together=False,
     short_ruler=0.0,
+    task_min=0,
     niah=0.15,
     tile=1,
     block=64,
@@ -107,6 +110,9 @@ def get_config(arg=None):
     raise ValueError(f"niah={arg.niah} must be in [0, 0.6]")
   c.data.mixture = {"code": 0.15, "niah": arg.niah, "mqar": round(0.6 - arg.niah, 6), "ruler": 0.25}
   c.data.niah.update(num_needles=4, num_queries=4, uuid_chars=8)
+  if arg.task_min < 0:
+    raise ValueError(f"task_min={arg.task_min} must be >= 0")
+  c.data.task_min_len = arg.task_min  # 512 or more leaves the 512-token stages whole
   # The quickstart's MQAR: one-letter Greek keys (never in the code around them), one
   # digit values, queries spread through the sequence (distance grows with the length); the
   # pairs start anywhere in the first half, out of the sink block.

@@ -48,6 +48,12 @@ def needle_block_attended(spans, needle_at, selected, attn) -> np.ndarray:
   return np.array(out)
 
 
+def full_length(data_cfg):
+  """`data_cfg` whose task samples fill the sequence: an evaluation at length L asks its
+  queries at the end of L tokens, whatever `task_min_len` the run trained with."""
+  return dataclasses.replace(data_cfg, task_min_len=0)
+
+
 def eval_model_config(model_cfg: ModelConfig, train_len: int, length: int, yarn: bool):
   """The model config used at `length`: YaRN-rescaled beyond training when `yarn`."""
   if not yarn or length <= train_len:
@@ -80,7 +86,7 @@ def retrieval_eval(
       hits, total, fractions = 0, 0, []
       for i in range(ev.num_samples):
         rng = np.random.default_rng([ev.seed, ev.tasks.index(task), mult, i])
-        sample = make_sample(cfg.data, tok, stream, length, rng, task)
+        sample = make_sample(full_length(cfg.data), tok, stream, length, rng, task)
         tokens = sample["tokens"]
         pred, pairs = forward(params, jnp.asarray(tokens[None, :-1]))
         pred = np.asarray(pred[0])
@@ -553,7 +559,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
 
   seqs = [
     pipeline.make_sample(
-      data_cfg,
+      full_length(data_cfg),
       tokenizer,
       stream,
       length,

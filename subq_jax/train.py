@@ -223,10 +223,16 @@ def check_schedule(cfg: ExperimentConfig):
     for source, weight in data.mixture:
       if weight > 0:
         try:
-          make_sample(data, tok, stream, s.seq_len, np.random.default_rng(0), source)
+          length = s.seq_len
+          make_sample(data, tok, stream, length, np.random.default_rng(0), source)
+          if data.task_min_len and source != "code":  # the shortest task it may build
+            length = min(data.task_min_len, s.seq_len)
+            whole = dataclasses.replace(data, task_min_len=0)
+            make_sample(whole, tok, stream, length, np.random.default_rng(0), source)
         except ValueError as e:
           raise ValueError(
-            f"train.stages[{i}] (seq_len={s.seq_len}) cannot hold {source}: {e}"
+            f"train.stages[{i}] (seq_len={s.seq_len}, data.task_min_len="
+            f"{data.task_min_len}) cannot hold {source} at {length} tokens: {e}"
           ) from e
     batch = s.batch_size or cfg.train.batch_size
     if batch % jax.device_count():

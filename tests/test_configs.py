@@ -160,3 +160,25 @@ def test_ablation_short_ruler_share_and_tasks_that_fit_512():
     module.get_config("short_niah=0.45,short_ruler=0.5")
   with pytest.raises(ValueError, match="short_ruler=0.2 needs short >= 512, got short=256"):
     module.get_config("short=256,short_ruler=0.2")
+
+
+def test_ablation_task_min_places_the_4096_stage_tasks():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("smoke,task_min=1024"))
+  assert all(
+    train_lib.stage_data_config(cfg, i).task_min_len == 1024 for i in range(len(cfg.train.stages))
+  )
+  real = resolve(module.get_config("task_min=1024"))
+  real = dataclasses.replace(
+    real,
+    data=dataclasses.replace(
+      real.data, corpus_root=os.path.join(os.path.dirname(__file__), "..", "subq_jax")
+    ),
+  )
+  train_lib.check_schedule(real)  # every source builds at 4096 and at 1024
+  with pytest.raises(ValueError, match=r"task_min_len=64\) cannot hold .* at 64 tokens"):
+    train_lib.check_schedule(
+      dataclasses.replace(real, data=dataclasses.replace(real.data, task_min_len=64))
+    )
+  with pytest.raises(ValueError, match="task_min=-1 must be >= 0"):
+    module.get_config("task_min=-1")

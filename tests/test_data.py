@@ -244,3 +244,31 @@ def test_ruler_source_packs_a_task_in_its_evaluation_format():
   with pytest.raises(ValueError, match="niah_single_9"):
     dataclasses.replace(CFG, ruler_tasks=("niah_single_9",))
   assert set(CFG.ruler_tasks) <= set(ruler.TASKS)
+
+
+def test_task_min_len_places_whole_tasks_anywhere_among_code():
+  """With `task_min_len`, a task sample keeps its own answers and needles (each answer
+  equals the value at its `needle_at`, shifted with the task) but ends anywhere in the
+  sequence, behind separators; 0 keeps the full-length layout."""
+  cfg = dataclasses.replace(CFG, task_min_len=200, niah=dataclasses.replace(CFG.niah, uuid_chars=8))
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  ends, starts = [], []
+  for i in range(24):
+    for source in ("niah", "mqar"):
+      s = make_sample(cfg, TOK, stream, 600, np.random.default_rng([5, i]), source, needle_at=True)
+      assert s["tokens"].shape == (601,) and s["answer_mask"].shape == (601,)
+      answers = np.flatnonzero(s["answer_mask"])
+      ends.append(answers[-1])
+      if source != "niah":
+        continue
+      starts.append(s["needle_at"].min())
+      spans = np.flatnonzero(np.diff(np.concatenate([[0], s["answer_mask"].astype(int), [0]])))
+      for (a, b), at in zip(zip(spans[::2], spans[1::2], strict=True), s["needle_at"], strict=True):
+        assert at < a and np.array_equal(s["tokens"][at : at + b - a], s["tokens"][a:b])
+      if answers[-1] < 599:  # code behind the task, after a separator
+        assert TOK.sep_id in s["tokens"][answers[-1] + 1 : answers[-1] + 3]
+  assert min(ends) < 450 and max(ends) >= 580, (min(ends), max(ends))
+  whole = make_sample(CFG, TOK, stream, 600, np.random.default_rng([5, 0]), "niah")
+  assert np.flatnonzero(whole["answer_mask"])[-1] == 600
+  with pytest.raises(ValueError, match=r"task_min_len=-1"):
+    dataclasses.replace(CFG, task_min_len=-1)

@@ -39,6 +39,13 @@ class DataConfig:
   ruler_tasks: the `ruler` source draws one of these tasks (uniformly) per sample, built
     at the training length from the training split of the corpus: prompt, then the
     reference answer (the loss's answer tokens), a separator, and code to fill.
+  task_min_len: 0: a task sample (niah, mqar, ruler) fills the sequence, so its queries
+    always end at the last positions. N > 0: each task sample is built at a length drawn
+    uniformly from [min(N, seq_len), seq_len] and placed at a random offset between code
+    (joined by separators), so the queries sit anywhere in the sequence. A model trained
+    only on full-length samples learns where in the sequence its queries are: the
+    session-13 4K checkpoints find 0 of 16 needles in a 1,024-token sample and 16 of 16
+    in the same sample after 3,072 tokens of code (experiments/results/niah_recipe_h100/).
   num_threads, prefetch: grain read options.
   """
 
@@ -51,6 +58,7 @@ class DataConfig:
   niah: tasks.NIAHConfig = dataclasses.field(default_factory=tasks.NIAHConfig)
   mqar: tasks.MQARConfig = dataclasses.field(default_factory=tasks.MQARConfig)
   ruler_tasks: tuple[str, ...] = RULER_TASKS
+  task_min_len: int = 0
   num_threads: int = 1
   prefetch: int = 4
 
@@ -77,6 +85,8 @@ class DataConfig:
         f"data.ruler_tasks={list(self.ruler_tasks)}: {unknown or 'empty'} "
         f"(tasks: {sorted(ruler.TASKS)})"
       )
+    if self.task_min_len < 0:
+      raise ValueError(f"data.task_min_len={self.task_min_len} must be >= 0")
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
 
@@ -114,19 +124,23 @@ def make_sample(
   `text_source` (a `ruler.Source`, default the training split) feeds the `ruler` source.
   `needle_at` (evaluation only: training batches keep one set of keys): a `niah`
   sample's dict also holds `tasks.Sample.needle_at`."""
-  length = seq_len + 1
+  inner = seq_len  # the task's own length (see DataConfig.task_min_len)
+  if source in ("niah", "mqar", "ruler") and cfg.task_min_len:
+    inner = int(rng.integers(min(cfg.task_min_len, seq_len), seq_len + 1))
   if source == "ruler":
     if text_source is None:
       text_source = ruler.Source(tokenizer, "train", cfg.val_fraction, cfg.corpus_root)
-    sample = ruler_sample(cfg, tokenizer, stream, seq_len, rng, text_source)
+    sample = ruler_sample(cfg, tokenizer, stream, inner, rng, text_source)
   elif source == "code":
-    sample = tasks.Sample(tasks.code_window(rng, stream, length), np.zeros(length, bool))
+    sample = tasks.Sample(tasks.code_window(rng, stream, seq_len + 1), np.zeros(seq_len + 1, bool))
   elif source == "niah":
-    sample = tasks.niah(rng, tokenizer, stream, length, cfg.niah)
+    sample = tasks.niah(rng, tokenizer, stream, inner + 1, cfg.niah)
   elif source == "mqar":
-    sample = tasks.mqar(rng, tokenizer, stream, length, cfg.mqar)
+    sample = tasks.mqar(rng, tokenizer, stream, inner + 1, cfg.mqar)
   else:
     raise ValueError(f"unknown source {source!r}")
+  if inner < seq_len:
+    sample = _between_code(sample, seq_len - inner, tokenizer.sep_id, rng, stream)
   out = {
     "tokens": sample.tokens.astype(np.int32),
     "answer_mask": sample.answer_mask,
@@ -135,6 +149,24 @@ def make_sample(
   if needle_at and source == "niah":
     out["needle_at"] = sample.needle_at
   return out
+
+
+def _between_code(sample: tasks.Sample, extra: int, sep: int, rng, stream) -> tasks.Sample:
+  """`sample` with `extra` tokens around it: code and a separator before it (a random
+  share, possibly none), a separator and code after it."""
+  before = int(rng.integers(0, extra + 1))
+  after = extra - before
+
+  def code(n):  # n tokens: a separator next to the task, code beyond it
+    return tasks.code_window(rng, stream, n - 1) if n else np.zeros(0, np.int32)
+
+  sep_ = np.asarray([sep], np.int32)
+  head = np.concatenate([code(before), sep_]) if before else np.zeros(0, np.int32)
+  tail = np.concatenate([sep_, code(after)]) if after else np.zeros(0, np.int32)
+  tokens = np.concatenate([head, sample.tokens, tail]).astype(np.int32)
+  mask = np.concatenate([np.zeros(before, bool), sample.answer_mask, np.zeros(after, bool)])
+  needle_at = None if sample.needle_at is None else sample.needle_at + before
+  return tasks.Sample(tokens, mask, needle_at)
 
 
 class _Sampler:

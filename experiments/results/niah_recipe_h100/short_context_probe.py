@@ -1,0 +1,79 @@
+"""Training-format NIAH of a 4K checkpoint at and below its training length (CPU, teacher-forced).
+
+Does a model trained last at 4096 tokens find needles in shorter sequences? Three probes,
+exact match of the 8-character value (16 queries a cell):
+1. the training format (4 needles) at 512 ... 4096 tokens, with the first character's
+   accuracy (finding the value) beside the exact match;
+2. one needle at 4096 tokens at a fixed depth: is it the needle's distance from the query?
+3. one needle in a 1,024-token sample, alone or after 1,024 / 3,072 tokens of unrelated
+   code: is it the query's position in the sequence? The same weights run with their own
+   attention kind and with dense attention (every key), to tell routing from the rest.
+
+  PYENV_VERSION=3.12.1 .venv/bin/python \
+    experiments/results/niah_recipe_h100/short_context_probe.py <run workdir with checkpoints/>
+"""
+
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+
+from subq_jax import evaluate
+from subq_jax.data import corpus, tasks
+
+workdir = sys.argv[1]
+params, model_cfg, cfg, step = evaluate.load_checkpoint(workdir)
+tok = cfg.data.make_tokenizer()
+stream = corpus.token_stream(tok, "validation", cfg.data.val_fraction, cfg.data.corpus_root)
+print(f"{workdir} step {step}, {jax.devices()[0].platform}, jax {jax.__version__}")
+one = dataclasses.replace(cfg.data.niah, num_needles=1, num_queries=1)
+
+
+def score(runner, samples):
+  """(exact match, first character right) per query of `samples` [(tokens, answer_mask)]."""
+  exact, first = [], []
+  for i in range(0, len(samples), 2):
+    pair = samples[i : i + 2]
+    pred, _ = runner.teacher_forced(np.stack([t[:-1] for t, _ in pair]))
+    for row, (t, mask) in zip(pred, pair, strict=True):
+      for a, b in evaluate.answer_spans(mask[1:]):
+        exact.append(np.all(row[a:b] == t[1:][a:b]))
+        first.append(row[a] == t[1 + a])
+  return float(np.mean(exact)), float(np.mean(first)), len(exact)
+
+
+runner = evaluate._Runner(params, model_cfg)
+print("1. training format (4 needles at random depths)")
+for length in (512, 1024, 2048, 3072, 4096):
+  samples = []
+  for i in range(4):
+    s = tasks.niah(np.random.default_rng([1, i]), tok, stream, length + 1, cfg.data.niah)
+    samples.append((s.tokens, s.answer_mask))
+  exact, first, n = score(runner, samples)
+  print(f"  {length:5d} tokens: exact {exact:.3f}, first character {first:.3f} (n={n})")
+
+print("2. one needle at 4096 tokens, by depth")
+for depth in (0.0, 0.5, 0.9, 0.99):
+  samples = []
+  for i in range(16):
+    s = tasks.niah(np.random.default_rng([2, i]), tok, stream, 4097, one, depths=[depth])
+    samples.append((s.tokens, s.answer_mask))
+  exact, first, n = score(runner, samples)
+  print(f"  depth {depth:.2f}: exact {exact:.3f}, first character {first:.3f} (n={n})")
+
+print("3. one needle in a 1024-token sample after unrelated code")
+for kind in (model_cfg.attention.kind, "dense"):
+  attention = dataclasses.replace(model_cfg.attention, kind=kind)
+  runner = evaluate._Runner(params, dataclasses.replace(model_cfg, attention=attention))
+  for before in (0, 1024, 3072):
+    samples = []
+    for i in range(16):
+      s = tasks.niah(np.random.default_rng([3, i]), tok, stream, 1025, one)
+      code = tasks.code_window(np.random.default_rng([4, i]), stream, before)
+      pad = np.zeros(before, bool)
+      samples.append((np.concatenate([code, s.tokens]), np.concatenate([pad, s.answer_mask])))
+    exact, first, n = score(runner, samples)
+    print(
+      f"  {kind:5s}, {before:4d} code tokens before: exact {exact:.3f}, first {first:.3f} (n={n})"
+    )
