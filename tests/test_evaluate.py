@@ -641,3 +641,30 @@ def test_with_beam_changes_the_descent_only():
   dense = dataclasses.replace(mcfg, attention=dataclasses.replace(attn, kind="dense"))
   with pytest.raises(ValueError, match=r"beam=8 needs an `ssa` layer.*\['dense'\]"):
     evaluate.with_beam(dense, 8)
+
+
+def test_training_format_evaluation_asks_at_the_end_whatever_task_min_len(monkeypatch):
+  """A run trained with `task_min_len` (tasks placed anywhere among code) is still
+  evaluated on samples whose queries end the sequence: the length is the evaluated one."""
+  from subq_jax.config import SSAConfig
+  from subq_jax.data import pipeline
+  from subq_jax.data.tasks import NIAHConfig
+  from subq_jax.model import ModelConfig, Transformer
+
+  niah = NIAHConfig(num_needles=2, num_queries=2, uuid_chars=8)
+  data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3, niah=niah, task_min_len=64)
+  last_answer, make_sample = [], pipeline.make_sample
+
+  def recording(*args, **kwargs):
+    sample = make_sample(*args, **kwargs)
+    last_answer.append(int(np.flatnonzero(sample["answer_mask"])[-1]))
+    return sample
+
+  monkeypatch.setattr(pipeline, "make_sample", recording)
+  suite = evaluate.SuiteConfig(tasks=(), lengths=(256,), train_tasks=("niah",), train_samples=4)
+  attn = SSAConfig(kind="dense", block_size=16)
+  mcfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                     dtype="float32", attention=attn)  # fmt: skip
+  _, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+  evaluate._train_format(evaluate._Runner(params, mcfg), data_cfg, TOK, "niah", 256, suite)
+  assert last_answer == [256] * 4
