@@ -157,12 +157,10 @@ def _between_code(sample: tasks.Sample, extra: int, sep: int, rng, stream) -> ta
   before = int(rng.integers(0, extra + 1))
   after = extra - before
 
-  def code(n):  # n tokens: a separator next to the task, code beyond it
-    return tasks.code_window(rng, stream, n - 1) if n else np.zeros(0, np.int32)
-
-  sep_ = np.asarray([sep], np.int32)
-  head = np.concatenate([code(before), sep_]) if before else np.zeros(0, np.int32)
-  tail = np.concatenate([sep_, code(after)]) if after else np.zeros(0, np.int32)
+  sep_, none = np.asarray([sep], np.int32), np.zeros(0, np.int32)
+  # Each side: n tokens, the separator next to the task and n - 1 of code beyond it.
+  head = np.concatenate([tasks.code_window(rng, stream, before - 1), sep_]) if before else none
+  tail = np.concatenate([sep_, tasks.code_window(rng, stream, after - 1)]) if after else none
   tokens = np.concatenate([head, sample.tokens, tail]).astype(np.int32)
   mask = np.concatenate([np.zeros(before, bool), sample.answer_mask, np.zeros(after, bool)])
   needle_at = None if sample.needle_at is None else sample.needle_at + before
