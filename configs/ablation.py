@@ -53,7 +53,10 @@ ssa_bounds with `block=16` 0.94 (0.86 and 0.81 at 16x with YaRN), while RULER's
 formats stayed near 0.10 for both: the lookup from RULER's question is not learned.
 `short_ruler=0.2` learns it (RULER niah_single_1 1.00 for dense and SSA, average 0.42 /
 0.41), but in that training SSA's own NIAH fell to 0.80 at 4K and 0.17 at 16x (one
-training; session 13 of the results README).
+training; session 13 of the results README). `task_min=1024` keeps NIAH below 4K (SSA
+0.63 at 1,024 tokens, 0.00 without) but gave 0.83 at 4K and 0.42 at 16x; a second seed
+of the `steps=3000` recipe (`--set=train.seed=1 --set=data.seed=1`) lost MQAR at 4K and
+reached NIAH 0.22, so single trainings do not rank these recipes (session 14).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
