@@ -20,7 +20,10 @@
   tokens, so the question-to-needle lookup of RULER's prompts is learned where the
   training format's was), task_min= (`data.task_min_len`: the 4096 stage's task samples
   are built at a length in [task_min, 4096] and placed anywhere among code, so their
-  queries are not always at the sequence's end; default 0, full length)
+  queries are not always at the sequence's end; default 0, full length), short_top_k= (the
+  short stages' top_k, `Stage.attention`; default 0, the 4096 stage's: at 512 tokens its
+  448 keys cover nearly every key, so routing decides nothing there; e.g. short_top_k=2
+  with block=16 attends to 128 of 512 keys)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -89,6 +92,7 @@ def get_config(arg=None):
     short_together=False,
     short_ruler=0.0,
     task_min=0,
+    short_top_k=0,
     niah=0.15,
     tile=1,
     block=64,
@@ -148,6 +152,8 @@ def get_config(arg=None):
       raise ValueError(
         f"short_ruler={arg.short_ruler} must be in [0, 0.9 - short_niah={arg.short_niah}]"
       )
+    if not isinstance(arg.short_top_k, int) or arg.short_top_k < 0:
+      raise ValueError(f"short_top_k={arg.short_top_k!r} must be an integer >= 0")
     if arg.short_ruler and arg.short < 512:
       raise ValueError(f"short_ruler={arg.short_ruler} needs short >= 512, got short={arg.short}")
     mqar = round(0.9 - arg.short_niah - arg.short_ruler, 6)
@@ -157,6 +163,8 @@ def get_config(arg=None):
     for n, k in reversed(list(zip(chars, steps_each, strict=True))):
       short = dict(seq_len=arg.short, steps=k, batch_size=arg.short_batch)
       short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
+      if arg.short_top_k:
+        short["attention"] = dict(top_k=arg.short_top_k)
       if arg.short_ruler:
         short["data"]["ruler_tasks"] = SHORT_RULER_TASKS
       niah = dict(uuid_chars=n) if n else {}

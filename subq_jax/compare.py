@@ -246,6 +246,7 @@ def run(
   returns and writes the summary. `retrieval_samples` sets the training-format samples
   per task of both the selection (1x) and the evaluation (every multiplier)."""
   from subq_jax import evaluate
+  from subq_jax.train import stage_model_config
 
   for name in mechanisms:
     if name not in MECHANISMS:
@@ -268,6 +269,7 @@ def run(
       trained[train_name] = (best, sweep)
     best, sweep = trained[train_name]
     cfg = build_config(config_path, name, best["lr"], variant, overrides)
+    attention = stage_model_config(cfg, len(cfg.train.stages) - 1).attention  # evaluated
     entry = {
       "trained_as": train_name,
       "lr": best["lr"],
@@ -278,9 +280,9 @@ def run(
         }
         for r in sweep
       ],
-      "keys_per_query": cfg.model.attention.keys_per_query,
-      "kind": cfg.model.attention.kind,
-      "summary": cfg.model.attention.summary,
+      "keys_per_query": attention.keys_per_query,
+      "kind": attention.kind,
+      "summary": attention.summary,
       "yarn": cfg.eval.yarn,
       "train_len": cfg.train.stages[-1].seq_len,
       "train_wall_s": best.get("train_wall_s"),

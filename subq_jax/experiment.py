@@ -36,12 +36,18 @@ class Stage:
   # changed field by field, e.g. {"mixture": {"code": 0.1, "mqar": 0.9}, "mqar":
   # {"pairs_at": 0.0}} (a short stage leaves out sources longer than it).
   data: dict | None = None
+  # This stage's changes to `model.attention` (None = none): what and how much each layer
+  # selects, e.g. {"top_k": 2} so that routing decides even at a short length. Fields the
+  # layers' parameters depend on (kind, indexer_heads, indexer_dim) stay the model's.
+  attention: dict | None = None
 
   def __post_init__(self):
-    if self.data is not None:
-      if not isinstance(self.data, dict):
-        raise ValueError(f"stage data={self.data!r} must be a dict of data config changes")
-      object.__setattr__(self, "data", copy.deepcopy(self.data))  # the stage's own copy
+    for name in ("data", "attention"):
+      value = getattr(self, name)
+      if value is not None:
+        if not isinstance(value, dict):
+          raise ValueError(f"stage {name}={value!r} must be a dict of {name} config changes")
+        object.__setattr__(self, name, copy.deepcopy(value))  # the stage's own copy
     if not isinstance(self.seq_len, int) or self.seq_len < 2:
       raise ValueError(f"stage seq_len={self.seq_len!r} must be an integer >= 2")
     if not isinstance(self.steps, int) or self.steps < 1:

@@ -38,8 +38,13 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------- pieces
 
 
+# Attention fields the layers' parameters depend on: a stage cannot change them.
+_PARAMETER_FIELDS = ("kind", "indexer_heads", "indexer_dim")
+
+
 def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
-  """The model config of a stage: its YaRN scale over the original RoPE length.
+  """The model config of a stage: its YaRN scale over the original RoPE length, and its
+  changes to the attention's selection (`Stage.attention`).
 
   The original length (YaRN's L) is `model.rope_original_length` when set, else the
   longest stage up to this one trained with plain RoPE (rope_scale 1): a curriculum of
@@ -48,8 +53,24 @@ def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
   s = cfg.train.stages[stage]
   stages = cfg.train.stages[: stage + 1]
   plain = [t.seq_len for t in stages if t.rope_scale == 1.0] or [stages[0].seq_len]
+  changes = s.attention or {}
+  fields = {f.name for f in dataclasses.fields(cfg.model.attention)}
+  for name in sorted(changes):
+    if name not in fields:
+      raise ValueError(f"train.stages[{stage}].attention.{name}: not an attention config field")
+    if name in _PARAMETER_FIELDS:
+      raise ValueError(
+        f"train.stages[{stage}].attention.{name}={changes[name]!r}: the layers' parameters "
+        f"depend on {name}, so every stage keeps the model's "
+        f"({getattr(cfg.model.attention, name)!r})"
+      )
+  try:
+    attention = dataclasses.replace(cfg.model.attention, **changes)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"train.stages[{stage}].attention={s.attention}: {e}") from e
   return dataclasses.replace(
     cfg.model,
+    attention=attention,
     rope_scale=s.rope_scale,
     rope_original_length=cfg.model.rope_original_length or max(plain),
   )
@@ -220,6 +241,7 @@ def check_schedule(cfg: ExperimentConfig):
         f"({cfg.train.stages[i - 1].seq_len}): stages extend the context"
       )
     data = stage_data_config(cfg, i)  # DataConfig checks the stage's changes
+    stage_model_config(cfg, i)  # and SSAConfig the stage's attention changes
     for source, weight in data.mixture:
       if weight > 0:
         try:

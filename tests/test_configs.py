@@ -182,3 +182,15 @@ def test_ablation_task_min_places_the_4096_stage_tasks():
     )
   with pytest.raises(ValueError, match="task_min=-1 must be >= 0"):
     module.get_config("task_min=-1")
+
+
+def test_ablation_short_top_k_routes_in_the_short_stages():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("block=16,short_chars=4-8,short_steps=2-2,short_top_k=2"))
+  top_k = [train_lib.stage_model_config(cfg, i).attention.top_k for i in range(3)]
+  assert top_k == [2, 2, 22]  # the 4096 stage keeps 448 keys
+  assert train_lib.stage_model_config(cfg, 0).attention.keys_per_query == 128
+  base = resolve(module.get_config("block=16,short_chars=4-8,short_steps=2-2"))
+  assert [train_lib.stage_model_config(base, i).attention.top_k for i in range(3)] == [22] * 3
+  with pytest.raises(ValueError, match="short_top_k=-1 must be an integer >= 0"):
+    module.get_config("short_top_k=-1")

@@ -253,6 +253,38 @@ def test_stage_data_changes():
       train_lib.stage_data_config(dataclasses.replace(cfg, train=bad), 0)
 
 
+def test_stage_attention_changes(tmp_path):
+  """A stage's `attention` changes what the layers select in that stage only; the
+  parameters carry across stages; bad changes name the stage, the field and the value."""
+  cfg = _cfg()
+  attn = SSAConfig(kind="ssa", block_size=8, top_k=4, fanout=2, beam=2, local_blocks=0)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attn))
+
+  def with_stages(*stages):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=stages))
+
+  two = with_stages(Stage(64, 1, attention={"top_k": 1, "beam": 1}), Stage(128, 1))
+  first, last = (train_lib.stage_model_config(two, i).attention for i in (0, 1))
+  assert (first.top_k, first.beam, first.block_size) == (1, 1, 8)
+  assert last == attn
+  assert train_lib.stage_model_config(two, 0).layer_attention(0).keys_per_query == 3 * 8
+  train_lib.check_schedule(two)
+  result = train_lib.train(two, str(tmp_path), log=_quiet)  # both stages, one parameter tree
+  assert sorted(result.losses) == [1, 2] and np.isfinite(result.losses[2])
+  assert result.model_config.attention == attn
+  with pytest.raises(ValueError, match=r"stage attention=\[\('top_k', 1\)\] must be a dict"):
+    Stage(64, 1, attention=[("top_k", 1)])
+  for change, match in [
+    ({"topk": 1}, r"stages\[0\]\.attention\.topk: not an attention config field"),
+    ({"kind": "dense"}, r"stages\[0\]\.attention\.kind='dense': the layers' parameters depend"),
+    ({"indexer_dim": 8}, r"attention\.indexer_dim=8: .* keeps the model's \(32\)"),
+    ({"top_k": 0}, r"stages\[0\]\.attention=\{'top_k': 0\}: top_k=0 must be an integer >= 1"),
+  ]:
+    bad = with_stages(Stage(64, 1, attention=change), Stage(128, 1))
+    with pytest.raises(ValueError, match=match):
+      train_lib.check_schedule(bad)
+
+
 def test_stage_rope_original_length():
   """YaRN's original length is the longest plain-RoPE stage so far: a 64 -> 256 curriculum
   trains RoPE at 256, so evaluation at 1024 with YaRN scales 4x from 256, not from 64."""
