@@ -120,6 +120,8 @@ def get_config(arg=None):
   if arg.task_min < 0:
     raise ValueError(f"task_min={arg.task_min} must be >= 0")
   c.data.task_min_len = arg.task_min  # 512 or more leaves the 512-token stages whole
+  if not isinstance(arg.short_top_k, int) or arg.short_top_k < 0:
+    raise ValueError(f"short_top_k={arg.short_top_k!r} must be an integer >= 0")
   # The quickstart's MQAR: one-letter Greek keys (never in the code around them), one
   # digit values, queries spread through the sequence (distance grows with the length); the
   # pairs start anywhere in the first half, out of the sink block.
@@ -152,8 +154,6 @@ def get_config(arg=None):
       raise ValueError(
         f"short_ruler={arg.short_ruler} must be in [0, 0.9 - short_niah={arg.short_niah}]"
       )
-    if not isinstance(arg.short_top_k, int) or arg.short_top_k < 0:
-      raise ValueError(f"short_top_k={arg.short_top_k!r} must be an integer >= 0")
     if arg.short_ruler and arg.short < 512:
       raise ValueError(f"short_ruler={arg.short_ruler} needs short >= 512, got short={arg.short}")
     mqar = round(0.9 - arg.short_niah - arg.short_ruler, 6)

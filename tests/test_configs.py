@@ -192,5 +192,6 @@ def test_ablation_short_top_k_routes_in_the_short_stages():
   assert train_lib.stage_model_config(cfg, 0).attention.keys_per_query == 128
   base = resolve(module.get_config("block=16,short_chars=4-8,short_steps=2-2"))
   assert [train_lib.stage_model_config(base, i).attention.top_k for i in range(3)] == [22] * 3
-  with pytest.raises(ValueError, match="short_top_k=-1 must be an integer >= 0"):
-    module.get_config("short_top_k=-1")
+  for arg in ("short_top_k=-1", "short=0,short_top_k=-1"):  # checked with or without short stages
+    with pytest.raises(ValueError, match="short_top_k=-1 must be an integer >= 0"):
+      module.get_config(arg)
