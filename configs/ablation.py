@@ -23,7 +23,9 @@
   queries are not always at the sequence's end; default 0, full length), short_top_k= (the
   short stages' top_k, `Stage.attention`; default 0, the 4096 stage's: at 512 tokens its
   448 keys cover nearly every key, so routing decides nothing there; e.g. short_top_k=2
-  with block=16 attends to 128 of 512 keys)
+  with block=16 attends to 128 of 512 keys), convert= (the last N steps of the 4096 stage
+  run with `kind`, every step before with dense attention: a dense model converted, as SubQ
+  converted an open-weight one; default 0, `kind` throughout)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -93,6 +95,7 @@ def get_config(arg=None):
     short_ruler=0.0,
     task_min=0,
     short_top_k=0,
+    convert=0,
     niah=0.15,
     tile=1,
     block=64,
@@ -131,6 +134,20 @@ def get_config(arg=None):
   c.train.answer_weight = 5.0
   steps = arg.steps or 200
   c.train.stages = [dict(seq_len=4096, steps=steps, rope_scale=1.0)]
+  if not isinstance(arg.convert, int) or not 0 <= arg.convert <= steps:
+    raise ValueError(f"convert={arg.convert!r} must be an integer in [0, steps={steps}]")
+  if arg.convert:
+    if arg.kind in ("dense", "indexer") or arg.mix:
+      raise ValueError(
+        f"convert={arg.convert} converts a dense model to a kind without parameters of its "
+        f"own, one for every layer: kind={arg.kind!r}, mix={arg.mix} cannot"
+      )
+    if arg.short_top_k:
+      raise ValueError(f"short_top_k={arg.short_top_k} has no effect with convert (dense)")
+    dense = dict(seq_len=4096, steps=steps - arg.convert, rope_scale=1.0)
+    dense["attention"] = dict(kind="dense")
+    c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]
+    c.train.stages = [s for s in c.train.stages if s["steps"]]
   if arg.short:  # curriculum: recall at a short length first, then 4096
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
     if not 0 <= arg.short_niah <= 0.9:
@@ -165,6 +182,8 @@ def get_config(arg=None):
       short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
       if arg.short_top_k:
         short["attention"] = dict(top_k=arg.short_top_k)
+      if arg.convert:
+        short["attention"] = dict(kind="dense")
       if arg.short_ruler:
         short["data"]["ruler_tasks"] = SHORT_RULER_TASKS
       niah = dict(uuid_chars=n) if n else {}

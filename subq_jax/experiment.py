@@ -37,8 +37,10 @@ class Stage:
   # {"pairs_at": 0.0}} (a short stage leaves out sources longer than it).
   data: dict | None = None
   # This stage's changes to `model.attention` (None = none): what and how much each layer
-  # selects, e.g. {"top_k": 2} so that routing decides even at a short length. Fields the
-  # layers' parameters depend on (kind, indexer_heads, indexer_dim) stay the model's.
+  # selects, e.g. {"top_k": 2} so that routing decides even at a short length, or
+  # {"kind": "dense"} to train dense before converting to the model's kind. Fields the
+  # layers' parameters depend on (indexer_heads, indexer_dim, a kind to or from `indexer`)
+  # stay the model's.
   attention: dict | None = None
 
   def __post_init__(self):

@@ -38,8 +38,26 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------- pieces
 
 
-# Attention fields the layers' parameters depend on: a stage cannot change them.
-_PARAMETER_FIELDS = ("kind", "indexer_heads", "indexer_dim")
+# Attention fields the layers' parameters depend on: a stage cannot change them. `kind`
+# can change between the kinds without parameters of their own (all but `indexer`).
+_PARAMETER_FIELDS = ("indexer_heads", "indexer_dim")
+
+
+def _check_stage_kind(cfg: ExperimentConfig, stage: int, kind) -> None:
+  """A stage's `kind` must leave the parameter tree as it is: no indexer on either side
+  and one kind for every layer (no `attention_pattern`, which would override it)."""
+  model_kinds = cfg.model.attention_pattern or (cfg.model.attention.kind,)
+  where = f"train.stages[{stage}].attention.kind={kind!r}"
+  if cfg.model.attention_pattern:
+    raise ValueError(
+      f"{where}: model.attention_pattern={list(model_kinds)} sets each layer's kind, "
+      "so a stage cannot change it"
+    )
+  if kind == "indexer" or "indexer" in model_kinds:
+    raise ValueError(
+      f"{where}: the indexer's layers have parameters of their own, so a stage cannot "
+      f"switch between indexer and another kind (the model's kind is {model_kinds[0]!r})"
+    )
 
 
 def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
@@ -58,6 +76,8 @@ def stage_model_config(cfg: ExperimentConfig, stage: int) -> ModelConfig:
   for name in sorted(changes):
     if name not in fields:
       raise ValueError(f"train.stages[{stage}].attention.{name}: not an attention config field")
+    if name == "kind":
+      _check_stage_kind(cfg, stage, changes[name])
     if name in _PARAMETER_FIELDS:
       raise ValueError(
         f"train.stages[{stage}].attention.{name}={changes[name]!r}: the layers' parameters "

@@ -195,3 +195,34 @@ def test_ablation_short_top_k_routes_in_the_short_stages():
   for arg in ("short_top_k=-1", "short=0,short_top_k=-1"):  # checked with or without short stages
     with pytest.raises(ValueError, match="short_top_k=-1 must be an integer >= 0"):
       module.get_config(arg)
+
+
+def test_ablation_convert_trains_dense_first():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  arg = "block=16,summary=bounds,short_chars=4-8,short_steps=2-2,steps=5,convert=2"
+  cfg = resolve(module.get_config(arg))
+  stages = cfg.train.stages
+  assert [(s.seq_len, s.steps) for s in stages] == [(512, 2), (512, 2), (4096, 3), (4096, 2)]
+  kinds = [train_lib.stage_model_config(cfg, i).attention.kind for i in range(4)]
+  assert kinds == ["dense", "dense", "dense", "ssa"]
+  last = train_lib.stage_model_config(cfg, 3).attention
+  assert (last.summary, last.keys_per_query) == ("bounds", 448)
+  assert [
+    s.niah.uuid_chars for s in map(lambda i: train_lib.stage_data_config(cfg, i), range(4))
+  ] == [4, 8, 8, 8]
+  train_lib.check_schedule(cfg)
+  # convert=steps: only the short stages are dense.
+  every = resolve(module.get_config("short_steps=2,steps=5,convert=5"))
+  assert [train_lib.stage_model_config(every, i).attention.kind for i in range(2)] == [
+    "dense",
+    "ssa",
+  ]
+  for arg, match in [
+    ("steps=5,convert=6", r"convert=6 must be an integer in \[0, steps=5\]"),
+    ("kind=dense,convert=1", r"kind='dense', mix=0 cannot"),
+    ("kind=indexer,convert=1", r"kind='indexer', mix=0 cannot"),
+    ("mix=4,convert=1", r"kind='ssa', mix=4 cannot"),
+    ("convert=1,short_top_k=2", r"short_top_k=2 has no effect with convert"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      module.get_config(arg)

@@ -263,24 +263,39 @@ def test_stage_attention_changes(tmp_path):
   def with_stages(*stages):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=stages))
 
-  two = with_stages(Stage(64, 1, attention={"top_k": 1, "beam": 1}), Stage(128, 1))
-  first, last = (train_lib.stage_model_config(two, i).attention for i in (0, 1))
-  assert (first.top_k, first.beam, first.block_size) == (1, 1, 8)
+  # A routed stage with less selected, a dense stage (a dense model converted), the model's.
+  three = with_stages(
+    Stage(64, 1, attention={"top_k": 1, "beam": 1}),
+    Stage(64, 1, attention={"kind": "dense"}),
+    Stage(128, 1),
+  )
+  first, dense, last = (train_lib.stage_model_config(three, i).attention for i in range(3))
+  assert (first.kind, first.top_k, first.beam, first.block_size) == ("ssa", 1, 1, 8)
+  assert train_lib.stage_model_config(three, 0).layer_attention(0).keys_per_query == 3 * 8
+  assert dense == dataclasses.replace(attn, kind="dense")
   assert last == attn
-  assert train_lib.stage_model_config(two, 0).layer_attention(0).keys_per_query == 3 * 8
-  train_lib.check_schedule(two)
-  result = train_lib.train(two, str(tmp_path), log=_quiet)  # both stages, one parameter tree
-  assert sorted(result.losses) == [1, 2] and np.isfinite(result.losses[2])
+  train_lib.check_schedule(three)
+  result = train_lib.train(three, str(tmp_path), log=_quiet)  # all stages, one parameter tree
+  assert sorted(result.losses) == [1, 2, 3] and np.isfinite(result.losses[3])
   assert result.model_config.attention == attn
   with pytest.raises(ValueError, match=r"stage attention=\[\('top_k', 1\)\] must be a dict"):
     Stage(64, 1, attention=[("top_k", 1)])
   for change, match in [
     ({"topk": 1}, r"stages\[0\]\.attention\.topk: not an attention config field"),
-    ({"kind": "dense"}, r"stages\[0\]\.attention\.kind='dense': the layers' parameters depend"),
+    ({"kind": "indexer"}, r"stages\[0\]\.attention\.kind='indexer': the indexer's layers"),
     ({"indexer_dim": 8}, r"attention\.indexer_dim=8: .* keeps the model's \(32\)"),
     ({"top_k": 0}, r"stages\[0\]\.attention=\{'top_k': 0\}: top_k=0 must be an integer >= 1"),
   ]:
     bad = with_stages(Stage(64, 1, attention=change), Stage(128, 1))
+    with pytest.raises(ValueError, match=match):
+      train_lib.check_schedule(bad)
+  # Per-layer kinds would override the stage's kind; an indexer model cannot go dense.
+  for model, match in [
+    (dict(attention_pattern=("ssa", "dense")), r"kind='dense': model\.attention_pattern="),
+    (dict(attention=dataclasses.replace(attn, kind="indexer")), r"the model's kind is 'indexer'"),
+  ]:
+    bad = with_stages(Stage(64, 1, attention={"kind": "dense"}), Stage(128, 1))
+    bad = dataclasses.replace(bad, model=dataclasses.replace(cfg.model, **model))
     with pytest.raises(ValueError, match=match):
       train_lib.check_schedule(bad)
 

@@ -10,9 +10,11 @@ exact match of the 8-character value (16 queries a cell):
    attention kind and with dense attention (every key), to tell routing from the rest.
 4. the training formats of NIAH and MQAR at 4096 tokens (8 samples each), with the model's
    own attention and with dense attention on the same weights: is a loss the routing's?
+5. as 4, with SSA at 448 keys (16-token blocks, top_k 22, 4 local blocks, one sink block;
+   bounds and mean summaries) on the same weights: does a dense-trained model route?
 
   PYENV_VERSION=3.12.1 .venv/bin/python \
-    experiments/results/niah_recipe_h100/short_context_probe.py <run workdir> [parts: 1 2 3 4]
+    experiments/results/niah_recipe_h100/short_context_probe.py <run workdir> [parts: 1 2 3 4 5]
 """
 
 import dataclasses
@@ -25,7 +27,7 @@ from subq_jax import evaluate
 from subq_jax.data import corpus, tasks
 
 workdir = sys.argv[1]
-parts = {int(p) for p in sys.argv[2:]} or {1, 2, 3, 4}
+parts = {int(p) for p in sys.argv[2:]} or {1, 2, 3, 4, 5}
 params, model_cfg, cfg, step = evaluate.load_checkpoint(workdir)
 tok = cfg.data.make_tokenizer()
 stream = corpus.token_stream(tok, "validation", cfg.data.val_fraction, cfg.data.corpus_root)
@@ -46,9 +48,9 @@ def score(runner, samples):
   return float(np.mean(exact)), float(np.mean(first)), len(exact)
 
 
-def runner_of(kind):
+def runner_of(kind, **changes):
   """A runner of the checkpoint's weights with every layer's attention of `kind`."""
-  attention = dataclasses.replace(model_cfg.attention, kind=kind)
+  attention = dataclasses.replace(model_cfg.attention, kind=kind, **changes)
   return evaluate._Runner(params, dataclasses.replace(model_cfg, attention=attention))
 
 
@@ -92,10 +94,8 @@ def part3():
       print(f"  {where}: exact {exact:.3f}, first {first:.3f} (n={n})")
 
 
-def part4():
-  print("4. training formats at 4096 tokens: the model's attention, then dense on the same weights")
-  for kind in (model_cfg.attention.kind, "dense"):
-    runner = runner_of(kind)
+def training_formats(runners):
+  for label, runner in runners:
     for name, make, task_cfg in (
       ("niah", tasks.niah, cfg.data.niah),
       ("mqar", tasks.mqar, cfg.data.mqar),
@@ -105,8 +105,19 @@ def part4():
         s = make(np.random.default_rng([5, i]), tok, stream, 4097, task_cfg)
         samples.append((s.tokens, s.answer_mask))
       exact, first, n = score(runner, samples)
-      print(f"  {kind:5s} {name}: exact {exact:.3f}, first {first:.3f} (n={n})")
+      print(f"  {label:5s} {name}: exact {exact:.3f}, first {first:.3f} (n={n})")
+
+
+def part4():
+  print("4. training formats at 4096 tokens: the model's attention, then dense on the same weights")
+  training_formats([(kind, runner_of(kind)) for kind in (model_cfg.attention.kind, "dense")])
+
+
+def part5():
+  print("5. training formats at 4096 tokens with SSA at 448 keys on the same weights")
+  ssa = dict(block_size=16, top_k=22, local_blocks=4, sink_blocks=1, query_tile=1)
+  training_formats([(s, runner_of("ssa", summary=s, **ssa)) for s in ("bounds", "mean")])
 
 
 for p in sorted(parts):
-  (part1, part2, part3, part4)[p - 1]()
+  (part1, part2, part3, part4, part5)[p - 1]()
