@@ -61,7 +61,9 @@ formats stayed near 0.10 for both: the lookup from RULER's question is not learn
 training; session 13 of the results README). `task_min=1024` keeps NIAH below 4K (SSA
 0.63 at 1,024 tokens, 0.00 without) but gave 0.83 at 4K and 0.42 at 16x; a second seed
 of the `steps=3000` recipe (`--set=train.seed=1 --set=data.seed=1`) lost MQAR at 4K and
-reached NIAH 0.22, so single trainings do not rank these recipes (session 14).
+reached NIAH 0.08, so single trainings do not rank these recipes (sessions 14-15).
+`convert=1000` kept MQAR at 1.00 for both seeds (NIAH 0.75 and 0.86 at 4K, 0.19 and 0.53
+at 16x); `short_top_k=2` learned no lookup at 512 tokens in 3,500 steps (session 15).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at

@@ -4,6 +4,8 @@
 # one warm machine (checkpoints every 100 steps). LANES: dn, b16, sl (sliding, 16-token blocks);
 # CKPT="b16 ..." brings those lanes' newest checkpoints back in 15 MB parts.
 # Session 13: EXTRA=,short_ruler=0.2 TAG=s13 LANES="dn b16" (EXTRA is appended to the variant).
+# Session 15: EXTRA=,convert=1000 TAG=s15cv (seed 0) and TAG=s15cv1 SET="train.seed=1 data.seed=1"
+# on one machine at once (metrics files carry the TAG).
 # Session 14: EXTRA=,task_min=1024 TAG=s14; a second seed of session 12's recipe: SET="train.seed=1
 # data.seed=1" TAG=s14seed1 LANES=b16 (SET is added to the overrides of every run).
 # A run brought back from an earlier machine resumes from its newest checkpoint: put its
@@ -25,12 +27,12 @@ if [ -f runs/cmp/ck/c8_$TAG.tar.gz ] && [ ! -d $D ]; then
 fi
 [ -n "$RESTORE_ONLY" ] && { ls -R $D | grep -A1 checkpoints:; exit 0; }
 mkdir -p $D
-( while sleep 20; do for n in $LANES; do f=$D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl; [ -f $f ] && cp $f $OUT/metrics_$n.jsonl; done; done ) > /dev/null 2>&1 &
+( while sleep 20; do for n in $LANES; do f=$D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl; [ -f $f ] && cp $f $OUT/metrics_${TAG}_$n.jsonl; done; done ) > /dev/null 2>&1 &
 LOOP=$!
 RUNS="$RUNS" SET="train.checkpoint_every=100 $SET" TAG=$TAG TMO=${TMO:-560} bash runs/cmp/c8.sh
 kill $LOOP
 for n in $LANES; do
   c=$D/$n/runs/${TRAINED[$n]}/lr0.001/checkpoints; last=$(ls $c 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
-  echo "$n newest checkpoint: $last"; cp $D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl $OUT/metrics_$n.jsonl
+  echo "$n newest checkpoint: $last"; cp $D/$n/runs/${TRAINED[$n]}/lr0.001/metrics.jsonl $OUT/metrics_${TAG}_$n.jsonl
   [ -n "$last" ] && [[ " $CKPT " == *" $n "* ]] && tar cf - -C $D $n/runs/${TRAINED[$n]}/lr0.001/checkpoints/$last | split -b 15M - $OUT/ckpt_${n}_$last.tar.
 done
