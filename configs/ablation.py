@@ -146,6 +146,8 @@ def get_config(arg=None):
       )
     if arg.short_top_k:
       raise ValueError(f"short_top_k={arg.short_top_k} has no effect with convert (dense)")
+    if arg.convert == steps and not arg.short:
+      raise ValueError(f"convert={arg.convert} with short=0 leaves no dense step (steps={steps})")
     dense = dict(seq_len=4096, steps=steps - arg.convert, rope_scale=1.0)
     dense["attention"] = dict(kind="dense")
     c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]

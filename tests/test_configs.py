@@ -223,6 +223,7 @@ def test_ablation_convert_trains_dense_first():
     ("kind=indexer,convert=1", r"kind='indexer', mix=0 cannot"),
     ("mix=4,convert=1", r"kind='ssa', mix=4 cannot"),
     ("convert=1,short_top_k=2", r"short_top_k=2 has no effect with convert"),
+    ("short=0,steps=5,convert=5", r"convert=5 with short=0 leaves no dense step"),
   ]:
     with pytest.raises(ValueError, match=match):
       module.get_config(arg)
