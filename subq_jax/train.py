@@ -46,17 +46,17 @@ _PARAMETER_FIELDS = ("indexer_heads", "indexer_dim")
 def _check_stage_kind(cfg: ExperimentConfig, stage: int, kind) -> None:
   """A stage's `kind` must leave the parameter tree as it is: no indexer on either side
   and one kind for every layer (no `attention_pattern`, which would override it)."""
-  model_kinds = cfg.model.attention_pattern or (cfg.model.attention.kind,)
   where = f"train.stages[{stage}].attention.kind={kind!r}"
   if cfg.model.attention_pattern:
     raise ValueError(
-      f"{where}: model.attention_pattern={list(model_kinds)} sets each layer's kind, "
-      "so a stage cannot change it"
+      f"{where}: model.attention_pattern={list(cfg.model.attention_pattern)} sets each "
+      "layer's kind, so a stage cannot change it"
     )
-  if kind == "indexer" or "indexer" in model_kinds:
+  if "indexer" in (kind, cfg.model.attention.kind):
     raise ValueError(
       f"{where}: the indexer's layers have parameters of their own, so a stage cannot "
-      f"switch between indexer and another kind (the model's kind is {model_kinds[0]!r})"
+      f"switch between indexer and another kind (the model's kind is "
+      f"{cfg.model.attention.kind!r})"
     )
 
 
