@@ -25,7 +25,11 @@
   448 keys cover nearly every key, so routing decides nothing there; e.g. short_top_k=2
   with block=16 attends to 128 of 512 keys), convert= (the last N steps of the 4096 stage
   run with `kind`, every step before with dense attention: a dense model converted, as SubQ
-  converted an open-weight one; default 0, `kind` throughout)
+  converted an open-weight one; default 0, `kind` throughout), coarse_grad= (`ssa` and
+  `block_topk`: weight of the coarse branch's gradient, `SSAConfig.coarse_grad`: every
+  query also attends to all its routable blocks' summaries, for the gradient only, so
+  keys that routing never selects learn to be selected; default 0, off; dense stages of
+  `convert` run without it)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -98,6 +102,7 @@ def get_config(arg=None):
     task_min=0,
     short_top_k=0,
     convert=0,
+    coarse_grad=0.0,
     niah=0.15,
     tile=1,
     block=64,
@@ -114,6 +119,7 @@ def get_config(arg=None):
   m.attention.update(kind=arg.kind, block_size=arg.block, query_tile=arg.tile, top_k=top_k)
   m.attention.update(fanout=8, beam=16, sink_blocks=1, local_blocks=local)
   m.attention.summary = arg.summary
+  m.attention.coarse_grad = float(arg.coarse_grad)  # SSAConfig checks value and kind
   if arg.kind == "indexer":
     m.attention.update(indexer_heads=4, indexer_dim=32)
   if arg.mix:
@@ -149,7 +155,7 @@ def get_config(arg=None):
     if arg.convert == steps and not arg.short:
       raise ValueError(f"convert={arg.convert} with short=0 leaves no dense step (steps={steps})")
     dense = dict(seq_len=4096, steps=steps - arg.convert, rope_scale=1.0)
-    dense["attention"] = dict(kind="dense")
+    dense["attention"] = dict(kind="dense", coarse_grad=0.0)
     c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]
     c.train.stages = [s for s in c.train.stages if s["steps"]]
   if arg.short:  # curriculum: recall at a short length first, then 4096
@@ -187,7 +193,7 @@ def get_config(arg=None):
       if arg.short_top_k:
         short["attention"] = dict(top_k=arg.short_top_k)
       if arg.convert:
-        short["attention"] = dict(kind="dense")
+        short["attention"] = dict(kind="dense", coarse_grad=0.0)
       if arg.short_ruler:
         short["data"]["ruler_tasks"] = SHORT_RULER_TASKS
       niah = dict(uuid_chars=n) if n else {}

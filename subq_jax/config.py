@@ -23,6 +23,7 @@ import dataclasses
 
 KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
 BLOCK_KINDS = ("ssa", "block_topk", "sliding")  # kinds that attend whole KV blocks
+ROUTED_KINDS = ("ssa", "block_topk")  # kinds that choose blocks by their key summaries
 SUMMARIES = ("mean", "bounds")
 
 
@@ -48,6 +49,12 @@ class SSAConfig:
       False means the caller passes position-free `routing_q` / `routing_k`.
     indexer_heads, indexer_dim: shape of the `indexer` kind's scoring heads (the
       weights come from the caller; the model owns them).
+    coarse_grad: `ssa`, `block_topk`: weight of the coarse branch's gradient (0 = off).
+      The coarse branch attends from every query to the level-1 summaries of all its
+      routable blocks (scored as routing scores them, values the blocks' mean values,
+      DESIGN.md section 1.7); it changes no output, only adds its gradient to the
+      routing q and k, so that keys routing never selects still learn to be selected.
+      Quadratic in T / block_size, and computed only under differentiation.
   """
 
   kind: str = "ssa"
@@ -62,6 +69,7 @@ class SSAConfig:
   route_with_rope: bool = True
   indexer_heads: int = 4
   indexer_dim: int = 32
+  coarse_grad: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -78,6 +86,14 @@ class SSAConfig:
         raise ValueError(f"{name}={value!r} must be an integer >= 0")
     if not isinstance(self.fanout, int) or self.fanout < 2:
       raise ValueError(f"fanout={self.fanout!r} must be an integer >= 2")
+    w = self.coarse_grad
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+      raise ValueError(f"coarse_grad={w!r} must be a finite number >= 0")
+    if w and self.kind not in ROUTED_KINDS:
+      raise ValueError(
+        f"coarse_grad={w} trains routing by key summaries; kind={self.kind!r} does not route "
+        f"by them (only {ROUTED_KINDS})"
+      )
     if self.block_size & (self.block_size - 1):
       raise ValueError(f"block_size={self.block_size} must be a power of two")
     tile = self.tile

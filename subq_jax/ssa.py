@@ -25,6 +25,8 @@ choose its keys from a later query's content, or outputs at t would depend on to
 after t. A decoder then routes each tile once, when its first token arrives.
 
 Selection runs under stop_gradient; attention is differentiable in q, k and v.
+With `config.coarse_grad` > 0 the routing q and k also get the gradient of a coarse
+branch over every routable block's summary (`_coarse`; outputs unchanged).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pallas_kernels.selector.pallas_gpu import (
 from pallas_kernels.sparse_attention import index as attention_index
 from pallas_kernels.sparse_attention import reference as attention_reference
 from pallas_kernels.sparse_attention.pallas_gpu import sparse_attention_pallas
-from subq_jax.config import BLOCK_KINDS, SSAConfig
+from subq_jax.config import BLOCK_KINDS, ROUTED_KINDS, SSAConfig
 
 __all__ = ["AttentionInfo", "SSAConfig", "select_blocks", "ssa_attention"]
 
@@ -132,6 +134,11 @@ def ssa_attention(
     out, info = _indexer(q, k, v, config, routing_q, routing_k, indexer_weights, scale)
   else:
     out, info = _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation)
+  if config.coarse_grad:
+    rq = q if routing_q is None else routing_q
+    rk = k if routing_k is None else routing_k
+    coarse = _coarse(rq, rk, v, config, scale).astype(out.dtype)
+    out = _add_gradient(out, coarse, config.coarse_grad)
   return (out, info) if return_info else out
 
 
@@ -197,7 +204,7 @@ def _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implem
   _check_qkv(q, k, v)
   b, t, hq, _ = q.shape
   hkv = k.shape[2]
-  routes = config.kind in ("ssa", "block_topk")
+  routes = config.kind in ROUTED_KINDS
   if (routing_q is None) != (routing_k is None):
     raise ValueError("pass routing_q and routing_k together, or neither")
   if config.kind == "indexer":
@@ -403,15 +410,10 @@ def _tree(rk, config: SSAConfig) -> list[jax.Array]:
   `mean`: D = d_r; `bounds`: D = 2 d_r, [max, min]. The last node of a level may be
   partial (padded); the frontier only ever uses complete nodes.
   """
-  b, tp, hkv, dr = rk.shape
+  b, _, hkv, dr = rk.shape
   f = config.fanout
-  num_blocks = tp // config.block_size
-  keys = rk.astype(jnp.float32).reshape(b, num_blocks, config.block_size, hkv, dr)
-  keys = keys.transpose(0, 3, 1, 2, 4)  # [b, hkv, N, B, dr]
-  if config.summary == "mean":
-    level = keys.mean(axis=3)
-  else:
-    level = jnp.concatenate([keys.max(axis=3), keys.min(axis=3)], axis=-1)
+  level = _leaf_summaries(rk, config)
+  num_blocks = level.shape[2]
   tables = [level]
   for _ in range(1, config.num_levels(num_blocks)):
     n = level.shape[2]
@@ -423,6 +425,16 @@ def _tree(rk, config: SSAConfig) -> list[jax.Array]:
       level = jnp.concatenate([grouped[..., :dr].max(axis=3), grouped[..., dr:].min(axis=3)], -1)
     tables.append(level)
   return tables
+
+
+def _leaf_summaries(rk, config: SSAConfig) -> jax.Array:
+  """Level-1 summaries [b, kv_heads, N, D] of padded routing keys [b, N * B, kv_heads, d_r]."""
+  b, tp, hkv, dr = rk.shape
+  keys = rk.astype(jnp.float32).reshape(b, tp // config.block_size, config.block_size, hkv, dr)
+  keys = keys.transpose(0, 3, 1, 2, 4)  # [b, hkv, N, B, dr]
+  if config.summary == "mean":
+    return keys.mean(axis=3)
+  return jnp.concatenate([keys.max(axis=3), keys.min(axis=3)], axis=-1)
 
 
 def _beam_descent(
@@ -541,6 +553,68 @@ def _block_pairs(block_ids, config: SSAConfig, seq_len: int) -> jax.Array:
   own = jnp.where(pos < seq_len, pos % bs + 1, 0).reshape(-1, q_tile).astype(jnp.float32)
   real = jnp.sum(own > 0, axis=-1).astype(jnp.float32)  # real queries per tile
   return jnp.sum(full_blocks * bs * real + own.sum(-1), axis=-1)
+
+
+# ------------------------------------------------------------------ coarse gradient
+
+
+def _coarse(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
+  """The coarse branch [b, t, q_heads, d] (DESIGN.md section 1.7), float32.
+
+  The query at position t attends, with one softmax, to the level-1 summaries of the
+  blocks it may route to, [sink_blocks, t // B - W): logits are `scale` times the
+  routing score of the summary (`mean`: q . mean(k); `bounds`: relu(q) . max + min(q, 0)
+  . min), values the blocks' mean values. A query with no routable block gets 0. The
+  values are constants (stop_gradient): the branch trains routing, not the values.
+  Quadratic in T / B, chunked over positions and recomputed in the backward pass.
+  """
+  b, t, hq, dr = rq.shape
+  hkv, d, bs = rk.shape[2], v.shape[-1], config.block_size
+  g = hq // hkv
+  table = _leaf_summaries(_pad_seq(rk, bs), config)  # [b, hkv, N, D]
+  n = table.shape[2]
+  vp = jax.lax.stop_gradient(_pad_seq(v, bs)).astype(jnp.float32)
+  values = vp.reshape(b, n, bs, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)  # [b, hkv, N, d]
+  rows = rq.astype(jnp.float32).reshape(b, t, hkv, g, dr)
+  if config.summary == "bounds":
+    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+  blocks = jnp.arange(n)
+
+  @jax.checkpoint
+  def one(args):
+    row, pos = args  # [b, hkv, g, D], scalar
+    logits = scale * jnp.einsum("bkgD,bknD->bkgn", row, table, precision="highest")
+    ok = (blocks >= config.sink_blocks) & (blocks < pos // bs - config.local_blocks)
+    logits = jnp.where(ok, logits, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - jnp.where(ok.any(), top, 0.0))  # 0 off the routable blocks
+    p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum("bkgn,bknd->bkgd", p, values, precision="highest")
+
+  per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * hq * n)))
+  out = jax.lax.map(one, (jnp.moveaxis(rows, 1, 0), jnp.arange(t)), batch_size=per_chunk)
+  return jnp.moveaxis(out, 0, 1).reshape(b, t, hq, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _add_gradient(out, extra, weight):
+  """`out`, unchanged; the backward pass gives `extra` the cotangent of `out` times
+  `weight`, as if `out + weight * extra` had been returned. Without differentiation
+  `extra` is unused (and not computed under jit)."""
+  del extra, weight
+  return out
+
+
+def _add_gradient_fwd(out, extra, weight):
+  del extra, weight
+  return out, None
+
+
+def _add_gradient_bwd(weight, _, cotangent):
+  return cotangent, (weight * cotangent).astype(cotangent.dtype)
+
+
+_add_gradient.defvjp(_add_gradient_fwd, _add_gradient_bwd)
 
 
 # ---------------------------------------------------------------- dense and indexer

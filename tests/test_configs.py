@@ -197,6 +197,25 @@ def test_ablation_short_top_k_routes_in_the_short_stages():
       module.get_config(arg)
 
 
+def test_ablation_coarse_grad_routes_with_the_coarse_gradient():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("summary=bounds,short_steps=2,steps=5,coarse_grad=0.5"))
+  assert [train_lib.stage_model_config(cfg, i).attention.coarse_grad for i in range(2)] == [
+    0.5,
+    0.5,
+  ]
+  # Converted: the dense stages run without it, the converted stage with it.
+  cfg = resolve(module.get_config("short_steps=2,steps=5,convert=2,coarse_grad=1"))
+  attention = [train_lib.stage_model_config(cfg, i).attention for i in range(3)]
+  assert [(a.kind, a.coarse_grad) for a in attention] == [
+    ("dense", 0.0),
+    ("dense", 0.0),
+    ("ssa", 1.0),
+  ]
+  with pytest.raises(ValueError, match=r"coarse_grad=1.0 .* kind='sliding' does not route"):
+    resolve(module.get_config("kind=sliding,coarse_grad=1"))
+
+
 def test_ablation_convert_trains_dense_first():
   module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
   arg = "block=16,summary=bounds,short_chars=4-8,short_steps=2-2,steps=5,convert=2"

@@ -150,6 +150,83 @@ def test_gradients_match_reference(kind):
   assert float(jnp.abs(grads[1]).max()) > 0  # keys do receive gradient
 
 
+def _coarse_by_hand(rq, rk, v, config, scale):
+  """The coarse branch one query at a time: softmax over the summaries of blocks
+  [sink_blocks, t // B - W), values the blocks' (constant) mean values; 0 without blocks."""
+  b, t, hq, _ = rq.shape
+  bs, hkv = config.block_size, rk.shape[2]
+  g = hq // hkv
+  summaries, values = [], []
+  for j in range(-(-t // bs)):
+    keys = rk[:, j * bs : (j + 1) * bs]  # [b, <=B, hkv, d_r] (no padding needed below)
+    if config.summary == "mean":
+      summaries.append(lambda r, keys=keys: jnp.einsum("bhd,bhd->bh", r, keys.mean(1)))
+    else:
+      hi, lo = keys.max(1), keys.min(1)
+      summaries.append(
+        lambda r, hi=hi, lo=lo: (
+          jnp.einsum("bhd,bhd->bh", jnp.maximum(r, 0), hi)
+          + jnp.einsum("bhd,bhd->bh", jnp.minimum(r, 0), lo)
+        )
+      )
+    values.append(jax.lax.stop_gradient(v[:, j * bs : (j + 1) * bs].mean(1)))
+  rows = []
+  for pos in range(t):
+    blocks = range(config.sink_blocks, pos // bs - config.local_blocks)
+    if not blocks:
+      rows.append(jnp.zeros((b, hq, v.shape[-1])))
+      continue
+    r = rq[:, pos].reshape(b, hkv, g, -1).transpose(2, 0, 1, 3)  # [g, b, hkv, d_r]
+    logits = jnp.stack([jax.vmap(summaries[j])(r) for j in blocks], -1) * scale  # [g,b,hkv,n]
+    p = jax.nn.softmax(logits, axis=-1)
+    o = jnp.einsum("gbhn,nbhd->bhgd", p, jnp.stack([values[j] for j in blocks]))
+    rows.append(o.reshape(b, hq, -1))
+  return jnp.stack(rows, 1)
+
+
+@pytest.mark.parametrize(
+  "kind, summary, implementation",
+  [("ssa", "mean", "xla"), ("ssa", "bounds", "reference"), ("block_topk", "bounds", "xla")],
+)
+def test_coarse_grad_changes_no_output_and_adds_the_coarse_branch_gradient(
+  kind, summary, implementation
+):
+  """With `coarse_grad` = w the outputs are bit for bit those without, and the gradients
+  are those without plus w times the gradient of the coarse branch built by hand."""
+  base = SSAConfig(kind=kind, summary=summary, **{**SMALL, "block_size": 8, "query_tile": 2})
+  config = SSAConfig(**{**vars(base), "coarse_grad": 0.5})
+  t = 67  # not a multiple of the block
+  q, k, v = _qkv(141, 2, t, 4, 2, 16)
+  cotangent = jax.random.normal(jax.random.PRNGKey(142), q.shape)
+  attention = lambda c: lambda q, k, v: ssa_attention(q, k, v, c, implementation=implementation)
+  np.testing.assert_array_equal(attention(config)(q, k, v), attention(base)(q, k, v))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  grads = jax.jit(jax.grad(loss(attention(config)), argnums=(0, 1, 2)))(q, k, v)
+  without = jax.grad(loss(attention(base)), argnums=(0, 1, 2))(q, k, v)
+  by_hand = lambda q, k, v: _coarse_by_hand(q, k, v, config, 0.25)  # 1 / sqrt(16)
+  coarse = jax.grad(loss(by_hand), argnums=(0, 1, 2))(q, k, v)
+  assert float(jnp.abs(coarse[1]).max()) > 0 and float(jnp.abs(coarse[2]).max()) == 0
+  want = jax.tree.map(lambda a, c: a + 0.5 * c, without, coarse)
+  chex.assert_tree_all_finite(grads)
+  chex.assert_trees_all_close(grads, want, atol=5e-5, rtol=5e-5)
+
+
+def test_coarse_grad_reaches_keys_that_routing_did_not_select():
+  """The last query's output depends on its sinks, chosen, local and own blocks only; its
+  gradient reaches the other blocks' keys through the coarse branch alone."""
+  config = SSAConfig(**SMALL)
+  q, k, v = _qkv(151, 1, 160, 2, 1, 16)
+  last = lambda c: lambda k: jnp.sum(ssa_attention(q, k, v, c, implementation="xla")[:, -1])
+  _, info = _run(q, k, v, config, "xla")
+  attended = {0, 8, 9} | set(np.asarray(info.selected_blocks[0, 0, -1]).tolist())
+  others = [j for j in range(10) if j not in attended]
+  assert len(others) >= 4
+  key_grad = lambda c: np.abs(np.asarray(jax.grad(last(c))(k))).reshape(10, 16, -1).max((1, 2))
+  np.testing.assert_array_equal(key_grad(config)[others], 0.0)
+  with_coarse = key_grad(SSAConfig(**{**vars(config), "coarse_grad": 1.0}))
+  assert np.all(with_coarse[others] > 0), with_coarse
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_indexer_gradients_match_reference_over_padded_chunks(monkeypatch, dtype):
   """The indexer's own backward (the selected keys' terms written into the dense layout,
@@ -379,6 +456,11 @@ def test_bad_input_names_the_values(args, match):
     (dict(fanout=1), "fanout=1"),
     (dict(beam=0), "beam=0"),
     (dict(sink_blocks=-1), "sink_blocks=-1"),
+    (dict(coarse_grad=-0.5), "coarse_grad=-0.5"),
+    (dict(coarse_grad=float("inf")), "coarse_grad=inf"),
+    (dict(coarse_grad="1"), "coarse_grad='1'"),
+    (dict(kind="sliding", coarse_grad=1.0), "coarse_grad=1.0 .* kind='sliding'"),
+    (dict(kind="dense", coarse_grad=0.5), "kind='dense' does not route"),
   ],
 )
 def test_bad_config_names_the_values(fields, match):
