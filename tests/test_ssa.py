@@ -186,7 +186,7 @@ def _coarse_by_hand(rq, rk, v, config, scale):
 
 @pytest.mark.parametrize(
   "kind, summary, implementation",
-  [("ssa", "mean", "xla"), ("ssa", "bounds", "reference"), ("block_topk", "bounds", "xla")],
+  [("ssa", "mean", "xla"), ("ssa", "bounds", "reference"), ("block_topk", "bounds", "pallas")],
 )
 def test_coarse_grad_changes_no_output_and_adds_the_coarse_branch_gradient(
   kind, summary, implementation

@@ -6,6 +6,7 @@
 # Session 13: EXTRA=,short_ruler=0.2 TAG=s13 LANES="dn b16" (EXTRA is appended to the variant).
 # Session 15: EXTRA=,convert=1000 TAG=s15cv (seed 0) and TAG=s15cv1 SET="train.seed=1 data.seed=1"
 # on one machine at once (metrics files carry the TAG).
+# Session 16: EXTRA=,coarse_grad=1 TAG=s16cg (seed 0) and TAG=s16cg1 SET="train.seed=1 data.seed=1".
 # Session 14: EXTRA=,task_min=1024 TAG=s14; a second seed of session 12's recipe: SET="train.seed=1
 # data.seed=1" TAG=s14seed1 LANES=b16 (SET is added to the overrides of every run).
 # A run brought back from an earlier machine resumes from its newest checkpoint: put its
