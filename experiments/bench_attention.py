@@ -7,6 +7,8 @@ Rows:
   ssa_selector   routing tree + beam descent (Pallas selector kernel), forward only
   ssa_attention  Pallas block-sparse attention on the selected blocks
   ssa            both, through `ssa_attention(..., implementation="pallas")`
+  ssa_coarse     ssa with `coarse_grad=1` (fwdbwd only: its forward is ssa's; the coarse
+                 branch is quadratic in T / block_size, so up to --max_quadratic)
   ssa_synthetic  the attention kernel on a synthetic list of the same budget
                  (stratified random blocks), independent of what routing picks
   dense_cudnn    jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)
@@ -65,7 +67,9 @@ flags.DEFINE_list(
   "JSON files of earlier runs (same device) whose rows join this run's table and targets "
   "(e.g. dense rows at 1M measured on their own); each such row records its file",
 )
-flags.DEFINE_string("max_quadratic", "32K", "longest T for block_topk and indexer (xla paths)")
+flags.DEFINE_string(
+  "max_quadratic", "32K", "longest T for block_topk, indexer (xla paths) and ssa_coarse"
+)
 flags.DEFINE_list(
   "variants",
   [],

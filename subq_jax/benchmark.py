@@ -7,6 +7,7 @@ times the JAX rows, `add_flops` attaches each row's FLOPs and TFLOP/s from
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -256,6 +257,10 @@ def _row_functions(
   full = lambda q, k, v: ssa.ssa_attention(q, k, v, ssa_cfg, implementation="pallas")
   if "ssa" in rows:
     add("ssa", full, (q, k, v))
+  if "ssa_coarse" in rows and mode == "fwdbwd" and t <= max_quadratic:  # fwd is ssa's
+    coarse_cfg = dataclasses.replace(ssa_cfg, coarse_grad=1.0)
+    coarse = lambda q, k, v: ssa.ssa_attention(q, k, v, coarse_cfg, implementation="pallas")
+    add("ssa_coarse", coarse, (q, k, v))
   attn_kw = dict(block_size=ssa_cfg.block_size, query_tile=ssa_cfg.tile, scale=scale)
   for row, ids in lists.items():
     for vname, sizes in variant_sizes.items():
@@ -298,6 +303,8 @@ def add_flops(rows: list[dict]) -> None:
     if t is None or "time_s" not in r:
       continue
     base = name.split("[")[0]
+    if base == "ssa_coarse":  # the coarse branch's FLOPs are not modelled in subq_jax.flops
+      continue
     kind = {"dense_cudnn": "dense", "fa2_torch": "dense"}.get(base, base)
     kind = "ssa" if base.startswith("ssa") else kind
     cost = flops.cost(t, HEADS, flops.benchmark_config(kind))
