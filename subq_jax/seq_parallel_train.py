@@ -38,6 +38,11 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
       raise ValueError("sequence-parallel attention returns no AttentionInfo")
     if kwargs.pop("indexer_weights", None) is not None:
       raise ValueError("kind='indexer' has no sequence-parallel path")
+    if config.coarse_grad:
+      raise ValueError(
+        f"coarse_grad={config.coarse_grad} has no sequence-parallel path (its branch reads "
+        "every block's summary); train with coarse_grad=0 or on one device"
+      )
     if implementation is None:  # as ssa_attention: Pallas kernels on GPU where they fit
       implementation = ssa_lib._default_implementation(q, k, config)
     impl = "pallas" if implementation == "pallas" and config.kind != "dense" else "xla"

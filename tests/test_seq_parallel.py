@@ -131,6 +131,19 @@ def test_short_conv_needs_contiguous_layout():
     seq_parallel_train.make_train_step(None, None, cfg, 1, 0, mesh, layout="striped")
 
 
+def test_coarse_grad_has_no_sharded_path():
+  """The sharded attention would drop the coarse branch's gradient; it refuses instead."""
+  from subq_jax import seq_parallel_train
+  from subq_jax.config import SSAConfig
+
+  mesh = sharding.make_mesh(sharding.MeshConfig(seq=1))
+  attend = seq_parallel_train.sharded_attend(mesh, "contiguous")
+  q = jnp.ones((1, 64, 2, 16))
+  k = jnp.ones((1, 64, 1, 16))
+  with pytest.raises(ValueError, match="coarse_grad=0.5 has no sequence-parallel path"):
+    attend(q, k, k, SSAConfig(block_size=16, top_k=1, coarse_grad=0.5))
+
+
 def test_dense_steps_match_attention():
   """The dense ring's step kernels, tile by tile (some tiles wholly masked): the forward
   going on from an earlier (out, lse) over two key parts equals one causal softmax, and
