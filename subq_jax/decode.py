@@ -271,9 +271,7 @@ def _route(a: SSAConfig, layer, pos_B, prefix_B, hkv: int):
   window = jnp.maximum(t0[:, None] - q_tile + 1 + jnp.arange(q_tile), 0)  # [B, Q]
   rows = ring[jnp.arange(b)[:, None], window % size]  # [B, Q, hq, dr]
   rows = rows.reshape(b, q_tile, hkv, g, dr).transpose(0, 2, 1, 3, 4)
-  rows = rows.reshape(b, hkv, 1, q_tile * g, dr).astype(jnp.float32)
-  if a.summary == "bounds":
-    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+  rows = ssa._as_scoring_rows(rows.reshape(b, hkv, 1, q_tile * g, dr), a)
   tables = ssa._tree(layer.get("rk", layer["k"]), a)
 
   def one_row(rows_r, tables_r, prefix_r):

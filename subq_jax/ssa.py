@@ -398,10 +398,16 @@ def _routing_rows(rq, hkv: int, config: SSAConfig) -> jax.Array:
   pos = jnp.maximum(jnp.arange(num_tiles)[:, None] * q_tile - q_tile + 1 + jnp.arange(q_tile), 0)
   rows = rq[:, pos.reshape(-1)].reshape(b, num_tiles, q_tile, hkv, g, dr)
   rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(b, hkv, num_tiles, q_tile * g, dr)
-  rows = rows.astype(jnp.float32)
+  return _as_scoring_rows(rows, config)
+
+
+def _as_scoring_rows(rq, config: SSAConfig) -> jax.Array:
+  """Routing queries as rows that score a summary table with one dot product: float32,
+  and for `bounds` [relu(q), min(q, 0)] (against the table's [max, min])."""
+  rq = rq.astype(jnp.float32)
   if config.summary == "bounds":
-    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
-  return rows
+    rq = jnp.concatenate([jnp.maximum(rq, 0), jnp.minimum(rq, 0)], axis=-1)
+  return rq
 
 
 def _tree(rk, config: SSAConfig) -> list[jax.Array]:
@@ -575,9 +581,7 @@ def _coarse(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
   n = table.shape[2]
   vp = jax.lax.stop_gradient(_pad_seq(v, bs)).astype(jnp.float32)
   values = vp.reshape(b, n, bs, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)  # [b, hkv, N, d]
-  rows = rq.astype(jnp.float32).reshape(b, t, hkv, g, dr)
-  if config.summary == "bounds":
-    rows = jnp.concatenate([jnp.maximum(rows, 0), jnp.minimum(rows, 0)], axis=-1)
+  rows = _as_scoring_rows(rq.reshape(b, t, hkv, g, dr), config)
   blocks = jnp.arange(n)
 
   @jax.checkpoint
