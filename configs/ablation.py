@@ -29,7 +29,9 @@
   `block_topk`: weight of the coarse branch's gradient, `SSAConfig.coarse_grad`: every
   query also attends to all its routable blocks' summaries, for the gradient only, so
   keys that routing never selects learn to be selected; default 0, off; dense stages of
-  `convert` run without it)
+  `convert` run without it), short_coarse= (whether the short stages use coarse_grad too;
+  default 1; `short_coarse=0` keeps it to the 4096 stage, where SSA attends 448 of 4,096
+  keys, rather than the 512-token stages, where it attends 448 of 512)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -105,6 +107,7 @@ def get_config(arg=None):
     short_top_k=0,
     convert=0,
     coarse_grad=0.0,
+    short_coarse=True,
     niah=0.15,
     tile=1,
     block=64,
@@ -135,6 +138,11 @@ def get_config(arg=None):
   c.data.task_min_len = arg.task_min  # 512 or more leaves the 512-token stages whole
   if not isinstance(arg.short_top_k, int) or arg.short_top_k < 0:
     raise ValueError(f"short_top_k={arg.short_top_k!r} must be an integer >= 0")
+  if not arg.short_coarse and not (arg.coarse_grad and arg.short and not arg.convert):
+    raise ValueError(
+      f"short_coarse=0 has no effect with coarse_grad={arg.coarse_grad}, short={arg.short}, "
+      f"convert={arg.convert} (it needs coarse_grad > 0, short > 0 and convert=0)"
+    )
   # The quickstart's MQAR: one-letter Greek keys (never in the code around them), one
   # digit values, queries spread through the sequence (distance grows with the length); the
   # pairs start anywhere in the first half, out of the sink block.
@@ -192,10 +200,15 @@ def get_config(arg=None):
     for n, k in reversed(list(zip(chars, steps_each, strict=True))):
       short = dict(seq_len=arg.short, steps=k, batch_size=arg.short_batch)
       short["data"] = dict(mixture=mixture, mqar=dict(pairs_at=0.0))
+      attention = {}
       if arg.short_top_k:
-        short["attention"] = dict(top_k=arg.short_top_k)
+        attention["top_k"] = arg.short_top_k
+      if not arg.short_coarse:
+        attention["coarse_grad"] = 0.0
       if arg.convert:
-        short["attention"] = dict(kind="dense", coarse_grad=0.0)
+        attention = dict(kind="dense", coarse_grad=0.0)
+      if attention:
+        short["attention"] = attention
       if arg.short_ruler:
         short["data"]["ruler_tasks"] = SHORT_RULER_TASKS
       niah = dict(uuid_chars=n) if n else {}

@@ -214,6 +214,14 @@ def test_ablation_coarse_grad_routes_with_the_coarse_gradient():
   ]
   with pytest.raises(ValueError, match=r"coarse_grad=1.0 .* kind='sliding' does not route"):
     resolve(module.get_config("kind=sliding,coarse_grad=1"))
+  # short_coarse=0: the 4096 stage alone, with the short stages' other attention knobs kept.
+  arg = "block=16,short_chars=4-8,short_steps=2-2,steps=5,coarse_grad=1,short_coarse=0"
+  cfg = resolve(module.get_config(arg + ",short_top_k=2"))
+  attention = [train_lib.stage_model_config(cfg, i).attention for i in range(3)]
+  assert [(a.top_k, a.coarse_grad) for a in attention] == [(2, 0.0), (2, 0.0), (22, 1.0)]
+  for arg in ("short_coarse=0", "coarse_grad=1,short=0,short_coarse=0", "convert=1,short_coarse=0"):
+    with pytest.raises(ValueError, match="short_coarse=0 has no effect"):
+      module.get_config(arg)
 
 
 def test_ablation_convert_trains_dense_first():
