@@ -8,7 +8,6 @@ times the JAX rows, `add_flops` attaches each row's FLOPs and TFLOP/s from
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 
@@ -347,16 +346,25 @@ def format_table(results: dict) -> str:
         vs_d = f"{dense['time_s'] / r['time_s']:8.1f}x" if dense else f"{'':>9}"
         vs_f = f"{fa2['time_s'] / r['time_s']:7.1f}x" if fa2 else f"{'':>8}"
         peak = f"{r['peak_gib']:9.1f}" if r.get("peak_gib") is not None else f"{'':>9}"
+        rate = f"{r['tflops']:8.1f}" if "tflops" in r else f"{'':>8}"  # no FLOP model: blank
         name = r["row"] + ("*" if r.get("added_from") else "")
         lines.append(
           f"{format_tokens(t):>5} {mode:<6} {name:<28} {r['time_s'] * 1e3:11.2f} {vs_d} {vs_f} "
-          f"{r.get('tflops', math.nan):8.1f} {peak}"
+          f"{rate} {peak}"
         )
   added = sorted({r["added_from"] for r in rows if r.get("added_from")})
   if added:
     lines.append(f"* measured in a separate run on the same device: {', '.join(added)}")
   lines += ["", "targets (at 1M if measured, else the largest T with an ssa row):"]
   lines += _targets(results)
+  coarse = [
+    (t, c["time_s"] / s["time_s"])
+    for t in seq_lens
+    if (c := _find(rows, "ssa_coarse", t, "fwdbwd")) and (s := _find(rows, "ssa", t, "fwdbwd"))
+  ]
+  if coarse:
+    ratios = ", ".join(f"{format_tokens(t)} {x:.2f}x" for t, x in coarse)
+    lines += ["", f"ssa_coarse / ssa, fwdbwd (the coarse branch's cost): {ratios}"]
   return "\n".join(lines)
 
 
@@ -381,7 +389,7 @@ def _targets(results: dict) -> list[str]:
   out = []
   ts = sorted({r["seq_len"] for r in rows if _find(rows, "ssa", r.get("seq_len"), "fwd")})
   if not ts:
-    return ["  no ssa rows"]
+    return ["  none: the targets compare ssa's forward, and no ssa fwd row was measured"]
   t = TARGET_LEN if TARGET_LEN in ts else ts[-1]  # the targets are stated at 1M
   ssa_f, ssa_b = _find(rows, "ssa", t, "fwd"), _find(rows, "ssa", t, "fwdbwd")
   for name, target, mode, ref in (
@@ -435,7 +443,10 @@ def plot(results: dict, path: str) -> None:
     ax.set_title(f"one layer, Llama-3-8B heads, bf16: {mode}")
     ax.set_xlabel("sequence length T")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+      ax.legend(fontsize=7)
+    else:
+      ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
   axes[0].set_ylabel("seconds")
   fig.suptitle(results.get("meta", {}).get("device", ""))
   fig.tight_layout()

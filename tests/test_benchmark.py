@@ -42,6 +42,20 @@ def test_targets_extrapolate_when_dense_stops_short():
   assert x == pytest.approx(60.0, rel=0.01)  # causal pairs grow a little under 4x
 
 
+def test_fwdbwd_only_table_names_the_coarse_cost_and_plots(tmp_path):
+  rows = []
+  for t, ssa_ms, coarse_ms in ((8192, 6.0, 7.5), (32768, 40.0, 64.0)):
+    rows.append(dict(row="ssa", seq_len=t, mode="fwdbwd", time_s=ssa_ms / 1e3))
+    rows.append(dict(row="ssa_coarse", seq_len=t, mode="fwdbwd", time_s=coarse_ms / 1e3))
+  benchmark.add_flops(rows)
+  results = dict(rows=rows, matmul_tflops=600.0, meta=dict(device="test"))
+  text = benchmark.format_table(results)
+  assert "no ssa fwd row was measured" in text
+  assert "ssa_coarse / ssa, fwdbwd (the coarse branch's cost): 8K 1.25x, 32K 1.60x" in text
+  benchmark.plot(results, str(tmp_path / "b.png"))
+  assert (tmp_path / "b.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rel_err_matches_numpy(dtype):
   import jax.numpy as jnp
