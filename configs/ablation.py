@@ -71,7 +71,9 @@ reached NIAH 0.08, so single trainings do not rank these recipes (sessions 14-15
 `convert=1000` kept MQAR at 1.00 for both seeds (NIAH 0.75 and 0.86 at 4K, 0.19 and 0.53
 at 16x); `short_top_k=2` learned no lookup at 512 tokens in 3,500 steps (session 15).
 `coarse_grad=1` let seed 1 relearn MQAR at 4K (0.96 at 1x, NIAH 0.44); its seed 0 never
-learned NIAH at 512 tokens (session 16).
+learned NIAH at 512 tokens (session 16). `coarse_grad=1,short_coarse=0` (the gradient in
+the 4096 stage only) lost MQAR with no seed of three and gave NIAH 0.98 / 0.89 / 0.89 at
+4K, 0.70 / 0.69 / 0.55 at 16x with YaRN (sessions 17-18).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at

@@ -7,6 +7,8 @@
 # Session 15: EXTRA=,convert=1000 TAG=s15cv (seed 0) and TAG=s15cv1 SET="train.seed=1 data.seed=1"
 # on one machine at once (metrics files carry the TAG).
 # Session 16: EXTRA=,coarse_grad=1 TAG=s16cg (seed 0) and TAG=s16cg1 SET="train.seed=1 data.seed=1".
+# Sessions 17-18: EXTRA=,coarse_grad=1,short_coarse=0 LANES=b16 TAG=s17cg (seed 0), TAG=s17cg1
+# SET="train.seed=1 data.seed=1", TAG=s18cg2 SET="train.seed=2 data.seed=2", one lane per machine.
 # Session 14: EXTRA=,task_min=1024 TAG=s14; a second seed of session 12's recipe: SET="train.seed=1
 # data.seed=1" TAG=s14seed1 LANES=b16 (SET is added to the overrides of every run).
 # A run brought back from an earlier machine resumes from its newest checkpoint: put its
