@@ -167,7 +167,7 @@ def get_config(arg=None):
     if arg.convert == steps and not arg.short:
       raise ValueError(f"convert={arg.convert} with short=0 leaves no dense step (steps={steps})")
     dense = dict(seq_len=4096, steps=steps - arg.convert, rope_scale=1.0)
-    dense["attention"] = dict(kind="dense", coarse_grad=0.0)
+    dense["attention"] = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks")
     c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]
     c.train.stages = [s for s in c.train.stages if s["steps"]]
   if arg.short:  # curriculum: recall at a short length first, then 4096
@@ -208,7 +208,7 @@ def get_config(arg=None):
       if not arg.short_coarse:
         attention["coarse_grad"] = 0.0
       if arg.convert:
-        attention = dict(kind="dense", coarse_grad=0.0)
+        attention = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks")
       if attention:
         short["attention"] = attention
       if arg.short_ruler:

@@ -9,6 +9,8 @@ Rows:
   ssa            both, through `ssa_attention(..., implementation="pallas")`
   ssa_coarse     ssa with `coarse_grad=1` (fwdbwd only: its forward is ssa's; the coarse
                  branch is quadratic in T / block_size, so up to --max_quadratic)
+  ssa_frontier   ssa with `coarse_grad=1, coarse_nodes="frontier"` (fwdbwd only): the
+                 coarse branch over the descent's scored nodes, O(T log T)
   ssa_synthetic  the attention kernel on a synthetic list of the same budget
                  (stratified random blocks), independent of what routing picks
   dense_cudnn    jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)

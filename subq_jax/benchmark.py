@@ -260,6 +260,10 @@ def _row_functions(
     coarse_cfg = dataclasses.replace(ssa_cfg, coarse_grad=1.0)
     coarse = lambda q, k, v: ssa.ssa_attention(q, k, v, coarse_cfg, implementation="pallas")
     add("ssa_coarse", coarse, (q, k, v))
+  if "ssa_frontier" in rows and mode == "fwdbwd":
+    frontier_cfg = dataclasses.replace(ssa_cfg, coarse_grad=1.0, coarse_nodes="frontier")
+    frontier = lambda q, k, v: ssa.ssa_attention(q, k, v, frontier_cfg, implementation="pallas")
+    add("ssa_frontier", frontier, (q, k, v))
   attn_kw = dict(block_size=ssa_cfg.block_size, query_tile=ssa_cfg.tile, scale=scale)
   for row, ids in lists.items():
     for vname, sizes in variant_sizes.items():
@@ -302,7 +306,7 @@ def add_flops(rows: list[dict]) -> None:
     if t is None or "time_s" not in r:
       continue
     base = name.split("[")[0]
-    if base == "ssa_coarse":  # the coarse branch's FLOPs are not modelled in subq_jax.flops
+    if base in ("ssa_coarse", "ssa_frontier"):  # coarse branches: no FLOP model
       continue
     kind = {"dense_cudnn": "dense", "fa2_torch": "dense"}.get(base, base)
     kind = "ssa" if base.startswith("ssa") else kind
@@ -357,14 +361,15 @@ def format_table(results: dict) -> str:
     lines.append(f"* measured in a separate run on the same device: {', '.join(added)}")
   lines += ["", "targets (at 1M if measured, else the largest T with an ssa row):"]
   lines += _targets(results)
-  coarse = [
-    (t, c["time_s"] / s["time_s"])
-    for t in seq_lens
-    if (c := _find(rows, "ssa_coarse", t, "fwdbwd")) and (s := _find(rows, "ssa", t, "fwdbwd"))
-  ]
-  if coarse:
-    ratios = ", ".join(f"{format_tokens(t)} {x:.2f}x" for t, x in coarse)
-    lines += ["", f"ssa_coarse / ssa, fwdbwd (the coarse branch's cost): {ratios}"]
+  for name in ("ssa_coarse", "ssa_frontier"):
+    coarse = [
+      (t, c["time_s"] / s["time_s"])
+      for t in seq_lens
+      if (c := _find(rows, name, t, "fwdbwd")) and (s := _find(rows, "ssa", t, "fwdbwd"))
+    ]
+    if coarse:
+      ratios = ", ".join(f"{format_tokens(t)} {x:.2f}x" for t, x in coarse)
+      lines += ["", f"{name} / ssa, fwdbwd (the coarse branch's cost): {ratios}"]
   return "\n".join(lines)
 
 

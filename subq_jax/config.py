@@ -25,6 +25,7 @@ KINDS = ("ssa", "block_topk", "sliding", "indexer", "dense")
 BLOCK_KINDS = ("ssa", "block_topk", "sliding")  # kinds that attend whole KV blocks
 ROUTED_KINDS = ("ssa", "block_topk")  # kinds that choose blocks by their key summaries
 SUMMARIES = ("mean", "bounds")
+COARSE_NODES = ("blocks", "frontier")  # what the coarse branch attends to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,12 @@ class SSAConfig:
       DESIGN.md section 1.7); it changes no output, only adds its gradient to the
       routing q and k, so that keys routing never selects still learn to be selected.
       Quadratic in T / block_size, and computed only under differentiation.
+    coarse_nodes: what the coarse branch attends to. `blocks`: every routable block, as
+      above. `frontier` (`ssa` only): the nodes the beam descent scores for the query's
+      tile, at every level of the tree (each level's frontier and the children of the
+      nodes kept above; summaries as routing scores them, values the mean values under
+      each node), so the branch costs O(T log T) like the descent. Keys under a node
+      pruned high in the tree then learn only through that node's summary.
   """
 
   kind: str = "ssa"
@@ -70,6 +77,7 @@ class SSAConfig:
   indexer_heads: int = 4
   indexer_dim: int = 32
   coarse_grad: float = 0.0
+  coarse_nodes: str = "blocks"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -93,6 +101,13 @@ class SSAConfig:
       raise ValueError(
         f"coarse_grad={w} trains routing by key summaries; kind={self.kind!r} does not route "
         f"by them (only {ROUTED_KINDS})"
+      )
+    if self.coarse_nodes not in COARSE_NODES:
+      raise ValueError(f"coarse_nodes={self.coarse_nodes!r} is not one of {COARSE_NODES}")
+    if self.coarse_nodes == "frontier" and self.kind != "ssa":
+      raise ValueError(
+        f"coarse_nodes='frontier' follows the routing tree's descent; kind={self.kind!r} has "
+        "no tree (use coarse_nodes='blocks')"
       )
     if self.block_size & (self.block_size - 1):
       raise ValueError(f"block_size={self.block_size} must be a power of two")

@@ -137,7 +137,8 @@ def ssa_attention(
   if config.coarse_grad:
     rq = q if routing_q is None else routing_q
     rk = k if routing_k is None else routing_k
-    coarse = _coarse(rq, rk, v, config, scale).astype(out.dtype)
+    branch = _coarse_frontier if config.coarse_nodes == "frontier" else _coarse
+    coarse = branch(rq, rk, v, config, scale).astype(out.dtype)
     out = _add_gradient(out, coarse, config.coarse_grad)
   return (out, info) if return_info else out
 
@@ -444,9 +445,17 @@ def _leaf_summaries(rk, config: SSAConfig) -> jax.Array:
 
 
 def _beam_descent(
-  routing, tables, prefix, config: SSAConfig, score_fn, whole_top_nodes: int = 0
-) -> jax.Array:
-  """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k].
+  routing,
+  tables,
+  prefix,
+  config: SSAConfig,
+  score_fn,
+  whole_top_nodes: int = 0,
+  return_candidates: bool = False,
+):
+  """Beam descent from the top level; returns level-1 ids [b, kv, tiles, <=top_k], and
+  with `return_candidates` also every level's scored candidates, [(level, ids [b, kv,
+  tiles, c]), ...] from the top (-1 for an empty slot).
 
   `score_fn(routing, table, candidates)` scores candidates: `routing` is whatever it
   reads (the routing rows of `_routing_rows`, or the routing queries themselves for
@@ -474,6 +483,7 @@ def _beam_descent(
       whole[lv] = all_scores[..., start : start + size]
       start += size
   kept = None  # node ids kept one level up, -1 for none
+  scored = []
   for level in range(len(tables), 0, -1):
     span = f ** (level - 1)
     # Frontier at this level: nodes [start, stop) with start = (P // F^l) * F.
@@ -487,6 +497,7 @@ def _beam_descent(
       candidates = jnp.concatenate([candidates, children.reshape(b, hkv, num_tiles, -1)], -1)
     if level == 1:
       candidates = jnp.where(candidates >= config.sink_blocks, candidates, -1)
+    scored.append((level, candidates))
     if level in whole:
       picked = jnp.take_along_axis(whole[level], jnp.maximum(candidates, 0), axis=-1)
       scores = jnp.where(candidates >= 0, picked, -jnp.inf)
@@ -495,7 +506,7 @@ def _beam_descent(
     keep = config.top_k if level == 1 else config.beam_at(level)
     best, idx = jax.lax.top_k(scores, min(keep, candidates.shape[-1]))
     kept = jnp.where(best > -jnp.inf, jnp.take_along_axis(candidates, idx, axis=-1), -1)
-  return kept
+  return (kept, scored) if return_candidates else kept
 
 
 def _flat_topk(rows, table, prefix, config: SSAConfig) -> jax.Array:
@@ -598,6 +609,65 @@ def _coarse(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
   per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * hq * n)))
   out = jax.lax.map(one, (jnp.moveaxis(rows, 1, 0), jnp.arange(t)), batch_size=per_chunk)
   return jnp.moveaxis(out, 0, 1).reshape(b, t, hq, d)
+
+
+def _coarse_frontier(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
+  """The coarse branch over the descent's frontier [b, t, q_heads, d], float32
+  (`coarse_nodes='frontier'`).
+
+  The queries of a tile attend, with one softmax, to every node the beam descent scores
+  for that tile, at every level: each level's frontier and the children of the nodes
+  kept above (`_beam_descent(..., return_candidates=True)` on constant inputs). Logits
+  are `scale` times the routing score of the node's summary; values the mean values of
+  the node's blocks (constants). A tile with no candidate gets 0. At most levels x
+  (fanout - 1 + beam x fanout) nodes a tile: O(T log T), as the descent.
+  """
+  b, t, hq, dr = rq.shape
+  hkv, d, bs, q_tile = rk.shape[2], v.shape[-1], config.block_size, config.tile
+  g = hq // hkv
+  rq, rk = _pad_seq(rq, bs), _pad_seq(rk, bs)
+  tp = rq.shape[1]
+  num_tiles = tp // q_tile
+  tables = _tree(rk, config)  # the summaries, differentiable: [b, hkv, n_l, D] per level
+  frozen = [jax.lax.stop_gradient(x) for x in tables]
+  _, prefix = _tile_prefix(num_tiles, config)
+  routing = _routing_rows(jax.lax.stop_gradient(rq), hkv, config)
+  _, scored = _beam_descent(routing, frozen, prefix, config, _ops("xla")[0], return_candidates=True)
+  vp = jax.lax.stop_gradient(_pad_seq(v, bs)).astype(jnp.float32)
+  level_values = vp.reshape(b, tp // bs, bs, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)
+  values, offsets, offset = [], {}, 0
+  for level, table in enumerate(tables, start=1):  # mean values under each node
+    if level > 1:
+      pad = -level_values.shape[2] % config.fanout  # padding only fills partial nodes
+      grouped = jnp.pad(level_values, ((0, 0), (0, 0), (0, pad), (0, 0)))
+      level_values = grouped.reshape(b, hkv, -1, config.fanout, d).mean(axis=3)
+    values.append(level_values[:, :, : table.shape[2]])
+    offsets[level], offset = offset, offset + table.shape[2]
+  table, values = jnp.concatenate(tables, axis=2), jnp.concatenate(values, axis=2)
+  nodes = jnp.concatenate([jnp.where(c >= 0, c + offsets[lv], -1) for lv, c in scored], -1)
+  rows = _as_scoring_rows(rq.reshape(b, num_tiles, q_tile, hkv, g, dr), config)
+  rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(b, hkv, num_tiles, q_tile * g, -1)
+
+  @jax.checkpoint
+  def one(args):
+    row, ids = args  # [b, hkv, Q * G, D], [b, hkv, C]
+    at = jnp.maximum(ids, 0)[..., None]
+    summaries = jnp.take_along_axis(table, at, axis=2)  # [b, hkv, C, D]
+    logits = scale * jnp.einsum("bkrD,bkcD->bkrc", row, summaries, precision="highest")
+    ok = (ids >= 0)[:, :, None, :]
+    logits = jnp.where(ok, logits, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))  # 0 off the candidates
+    p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum("bkrc,bkcd->bkrd", p, jnp.take_along_axis(values, at, axis=2))
+
+  per_tile = b * hkv * nodes.shape[-1] * (table.shape[-1] + q_tile * g + d)
+  per_chunk = max(1, min(num_tiles, CHUNK_ELEMENTS // max(1, per_tile)))
+  out = jax.lax.map(
+    one, (jnp.moveaxis(rows, 2, 0), jnp.moveaxis(nodes, 2, 0)), batch_size=per_chunk
+  )  # [tiles, b, hkv, Q * G, d]
+  out = out.reshape(num_tiles, b, hkv, q_tile, g, d).transpose(1, 0, 3, 2, 4, 5)
+  return out.reshape(b, tp, hq, d)[:, :t]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

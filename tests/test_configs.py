@@ -212,6 +212,11 @@ def test_ablation_coarse_grad_routes_with_the_coarse_gradient():
     ("dense", 0.0),
     ("ssa", 1.0),
   ]
+  # The frontier branch by override: the dense stages reset it (dense has no tree).
+  cfg = module.get_config("short_steps=2,steps=5,convert=2,coarse_grad=1")
+  cfg.model.attention.coarse_nodes = "frontier"
+  attention = [train_lib.stage_model_config(resolve(cfg), i).attention for i in range(3)]
+  assert [a.coarse_nodes for a in attention] == ["blocks", "blocks", "frontier"]
   with pytest.raises(ValueError, match=r"coarse_grad=1.0 .* kind='sliding' does not route"):
     resolve(module.get_config("kind=sliding,coarse_grad=1"))
   # short_coarse=0: the 4096 stage alone, with the short stages' other attention knobs kept.

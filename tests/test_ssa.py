@@ -3,6 +3,8 @@ invariants of DESIGN.md §1, on fresh random inputs."""
 
 from __future__ import annotations
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -209,6 +211,119 @@ def test_coarse_grad_changes_no_output_and_adds_the_coarse_branch_gradient(
   want = jax.tree.map(lambda a, c: a + 0.5 * c, without, coarse)
   chex.assert_tree_all_finite(grads)
   chex.assert_trees_all_close(grads, want, atol=5e-5, rtol=5e-5)
+
+
+def _frontier_by_hand(rq, rk, config, t):
+  """Every node the beam descent scores for each tile, in numpy, from DESIGN.md's
+  descent: [b][kv][tile] -> [(level, node)]. Bounds summaries, tiles of Q queries routing
+  with the rows of positions [iQ - Q + 1, iQ]."""
+  rq, rk = np.asarray(rq, np.float64), np.asarray(rk, np.float64)
+  b, _, hq, _ = rq.shape
+  hkv, bs, f, q_tile = rk.shape[2], config.block_size, config.fanout, config.tile
+  n = -(-t // bs)
+  levels = config.num_levels(n)
+  out = [[[] for _ in range(hkv)] for _ in range(b)]
+  for bi, h in itertools.product(range(b), range(hkv)):
+    for i in range(-(-t // q_tile)):
+      pos = [max(p, 0) for p in range(i * q_tile - q_tile + 1, i * q_tile + 1)]
+      rows = rq[bi, pos].reshape(len(pos), hkv, -1)[:, h]  # this head's group [Q, G * d]
+      rows = rows.reshape(-1, rq.shape[-1])  # [Q * G, d]
+
+      def score(level, node, rows=rows, bi=bi, h=h):
+        keys = rk[bi, node * bs * f ** (level - 1) : (node + 1) * bs * f ** (level - 1), h]
+        hi, lo = keys.max(0), keys.min(0)
+        return (np.maximum(rows, 0) @ hi + np.minimum(rows, 0) @ lo).max()
+
+      prefix = max(i * q_tile // bs - config.local_blocks, 0)
+      kept, seen = [], []
+      for level in range(levels, 0, -1):
+        span = f ** (level - 1)
+        candidates = list(range(prefix // (span * f) * f, prefix // span))
+        candidates += [c * f + j for c in kept for j in range(f)]
+        if level == 1:
+          candidates = [c for c in candidates if c >= config.sink_blocks]
+        seen += [(level, c) for c in candidates]
+        keep = config.top_k if level == 1 else config.beam_at(level)
+        kept = sorted(candidates, key=lambda c, lv=level: -score(lv, c))[:keep]
+      out[bi][h].append(seen)
+  return out
+
+
+def _coarse_frontier_by_hand(rq, rk, v, config, scale, frontier):
+  """The frontier coarse branch: each query's softmax over the bounds summaries of its
+  tile's scored nodes (max and min of the keys under each node, taken from the keys
+  directly), values the mean values under each node (constants)."""
+  b, t, hq, _ = rq.shape
+  hkv, bs, f = rk.shape[2], config.block_size, config.fanout
+  g = hq // hkv
+  hi, lo, mean_v, offset = [], [], [], {}
+  for level in range(1, config.num_levels(-(-t // bs)) + 1):
+    span = bs * f ** (level - 1)
+    pad = ((0, 0), (0, -t % span), (0, 0), (0, 0))  # edge rows: only partial nodes see them
+    keys, vals = (jnp.pad(x, pad, mode="edge") for x in (rk, v))
+    keys = keys.reshape(b, -1, span, hkv, keys.shape[-1])
+    offset[level] = sum(x.shape[1] for x in hi)
+    hi.append(keys.max(2))
+    lo.append(keys.min(2))
+    mean_v.append(jax.lax.stop_gradient(vals.reshape(b, -1, span, hkv, v.shape[-1]).mean(2)))
+  hi, lo, mean_v = (jnp.concatenate(x, 1) for x in (hi, lo, mean_v))  # [b, nodes, hkv, .]
+  width = max(len(nodes) for per_b in frontier for per_h in per_b for nodes in per_h)
+  ids = np.full((b, hkv, t, width), -1)  # each query's nodes, -1 for an empty slot
+  for bi, h, p in itertools.product(range(b), range(hkv), range(t)):
+    nodes = [offset[lv] + node for lv, node in frontier[bi][h][p // config.tile]]
+    ids[bi, h, p, : len(nodes)] = nodes
+  at = (np.arange(b)[:, None, None, None], np.maximum(ids, 0), np.arange(hkv)[None, :, None, None])
+  r = rq.reshape(b, t, hkv, g, -1)
+  logits = jnp.einsum("bthgd,bhtcd->bthgc", jnp.maximum(r, 0), hi[at])
+  logits += jnp.einsum("bthgd,bhtcd->bthgc", jnp.minimum(r, 0), lo[at])
+  ok = (ids >= 0).transpose(0, 2, 1, 3)[:, :, :, None]  # [b, t, hkv, 1, C]
+  weights = jax.nn.softmax(jnp.where(ok, scale * logits, -jnp.inf), axis=-1)
+  out = jnp.einsum("bthgc,bhtcd->bthgd", jnp.where(ok, weights, 0.0), mean_v[at])
+  return out.reshape(b, t, hq, -1)  # 0 where a query has no node
+
+
+def test_coarse_frontier_gradient_matches_the_branch_built_by_hand():
+  """`coarse_nodes='frontier'` (three tree levels here): outputs unchanged, gradients those
+  without plus w times the gradient of a by-hand softmax over the nodes a numpy descent
+  scores; fewer nodes than the blocks branch reads, and not only level-1 ones."""
+  base = SSAConfig(**{**SMALL, "block_size": 8, "query_tile": 4, "top_k": 2}, summary="bounds")
+  config = SSAConfig(**{**vars(base), "coarse_grad": 0.5, "coarse_nodes": "frontier"})
+  t = 141  # 18 blocks, 3 levels of fanout 4; not a multiple of the block
+  q, k, v = _qkv(161, 1, t, 4, 2, 8)
+  frontier = _frontier_by_hand(q, k, config, t)
+  last = frontier[0][0][-1]
+  assert {lv for lv, _ in last} == {1, 2, 3} and len(last) < 18 - 3
+  cotangent = jax.random.normal(jax.random.PRNGKey(162), q.shape)
+  attention = lambda c: lambda q, k, v: ssa_attention(q, k, v, c, implementation="xla")
+  np.testing.assert_array_equal(attention(config)(q, k, v), attention(base)(q, k, v))
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
+  grads = jax.jit(jax.grad(loss(attention(config)), argnums=(0, 1, 2)))(q, k, v)
+  without = jax.grad(loss(attention(base)), argnums=(0, 1, 2))(q, k, v)
+  by_hand = lambda q, k, v: _coarse_frontier_by_hand(q, k, v, config, 8**-0.5, frontier)
+  coarse = jax.grad(loss(by_hand), argnums=(0, 1, 2))(q, k, v)
+  assert float(jnp.abs(coarse[1]).max()) > 0 and float(jnp.abs(coarse[2]).max()) == 0
+  want = jax.tree.map(lambda a, c: a + 0.5 * c, without, coarse)
+  chex.assert_tree_all_finite(grads)
+  chex.assert_trees_all_close(grads, want, atol=5e-5, rtol=5e-5)
+
+
+def test_coarse_frontier_is_the_blocks_branch_when_the_tree_has_one_level():
+  """With no more blocks than the fanout the descent's only level scores every routable
+  block, so both coarse branches give the same gradients."""
+  config = SSAConfig(**{**SMALL, "fanout": 16}, summary="mean", coarse_grad=1.0)
+  frontier = SSAConfig(**{**vars(config), "coarse_nodes": "frontier"})
+  q, k, v = _qkv(171, 2, 200, 4, 2, 16)  # 13 blocks
+  grad = lambda c: jax.jit(
+    jax.grad(lambda q, k: jnp.sum(ssa_attention(q, k, v, c, implementation="xla") ** 2), (0, 1))
+  )(q, k)
+  chex.assert_trees_all_close(grad(frontier), grad(config), atol=1e-5, rtol=1e-5)
+
+
+def test_coarse_nodes_is_checked():
+  with pytest.raises(ValueError, match=r"coarse_nodes='tree' is not one of"):
+    SSAConfig(coarse_nodes="tree")
+  with pytest.raises(ValueError, match=r"kind='block_topk' has no tree"):
+    SSAConfig(kind="block_topk", coarse_grad=1.0, coarse_nodes="frontier")
 
 
 def test_coarse_grad_reaches_keys_that_routing_did_not_select():
