@@ -590,8 +590,7 @@ def _coarse(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
   g = hq // hkv
   table = _leaf_summaries(_pad_seq(rk, bs), config)  # [b, hkv, N, D]
   n = table.shape[2]
-  vp = jax.lax.stop_gradient(_pad_seq(v, bs)).astype(jnp.float32)
-  values = vp.reshape(b, n, bs, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)  # [b, hkv, N, d]
+  values = _block_mean_values(v, bs)  # [b, hkv, N, d]
   rows = _as_scoring_rows(rq.reshape(b, t, hkv, g, dr), config)
   blocks = jnp.arange(n)
 
@@ -600,10 +599,7 @@ def _coarse(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
     row, pos = args  # [b, hkv, g, D], scalar
     logits = scale * jnp.einsum("bkgD,bknD->bkgn", row, table, precision="highest")
     ok = (blocks >= config.sink_blocks) & (blocks < pos // bs - config.local_blocks)
-    logits = jnp.where(ok, logits, -jnp.inf)
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    e = jnp.exp(logits - jnp.where(ok.any(), top, 0.0))  # 0 off the routable blocks
-    p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    p = _masked_softmax(logits, ok)
     return jnp.einsum("bkgn,bknd->bkgd", p, values, precision="highest")
 
   per_chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * hq * n)))
@@ -633,8 +629,7 @@ def _coarse_frontier(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
   _, prefix = _tile_prefix(num_tiles, config)
   routing = _routing_rows(jax.lax.stop_gradient(rq), hkv, config)
   _, scored = _beam_descent(routing, frozen, prefix, config, _ops("xla")[0], return_candidates=True)
-  vp = jax.lax.stop_gradient(_pad_seq(v, bs)).astype(jnp.float32)
-  level_values = vp.reshape(b, tp // bs, bs, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)
+  level_values = _block_mean_values(v, bs)
   values, offsets, offset = [], {}, 0
   for level, table in enumerate(tables, start=1):  # mean values under each node
     if level > 1:
@@ -654,11 +649,7 @@ def _coarse_frontier(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
     at = jnp.maximum(ids, 0)[..., None]
     summaries = jnp.take_along_axis(table, at, axis=2)  # [b, hkv, C, D]
     logits = scale * jnp.einsum("bkrD,bkcD->bkrc", row, summaries, precision="highest")
-    ok = (ids >= 0)[:, :, None, :]
-    logits = jnp.where(ok, logits, -jnp.inf)
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))  # 0 off the candidates
-    p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    p = _masked_softmax(logits, (ids >= 0)[:, :, None, :])
     return jnp.einsum("bkrc,bkcd->bkrd", p, jnp.take_along_axis(values, at, axis=2))
 
   per_tile = b * hkv * nodes.shape[-1] * (table.shape[-1] + q_tile * g + d)
@@ -668,6 +659,22 @@ def _coarse_frontier(rq, rk, v, config: SSAConfig, scale: float) -> jax.Array:
   )  # [tiles, b, hkv, Q * G, d]
   out = out.reshape(num_tiles, b, hkv, q_tile, g, d).transpose(1, 0, 3, 2, 4, 5)
   return out.reshape(b, tp, hq, d)[:, :t]
+
+
+def _block_mean_values(v, block_size: int) -> jax.Array:
+  """Each block's mean value [b, kv_heads, N, d], float32 and constant (the coarse
+  branches train routing, not the values)."""
+  b, _, hkv, d = v.shape
+  vp = jax.lax.stop_gradient(_pad_seq(v, block_size)).astype(jnp.float32)
+  return vp.reshape(b, -1, block_size, hkv, d).mean(axis=2).transpose(0, 2, 1, 3)
+
+
+def _masked_softmax(logits, ok) -> jax.Array:
+  """Softmax over the last axis where `ok`; 0 elsewhere, and 0 for a row with none."""
+  logits = jnp.where(ok, logits, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
+  return e / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
