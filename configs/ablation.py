@@ -31,7 +31,10 @@
   keys that routing never selects learn to be selected; default 0, off; dense stages of
   `convert` run without it), short_coarse= (whether the short stages use coarse_grad too;
   default 1; `short_coarse=0` keeps it to the 4096 stage, where SSA attends 448 of 4,096
-  keys, rather than the 512-token stages, where it attends 448 of 512)
+  keys, rather than the 512-token stages, where it attends 448 of 512), far= (block kinds:
+  `SSAConfig.far_distance` in tokens, default 0, off; e.g. far=80 with block=16 puts
+  every sink and chosen block right past the 64 local tokens and the own block, whatever
+  its true distance: no RoPE distance beyond 95 at any length; dense stages without it)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -110,6 +113,7 @@ def get_config(arg=None):
     convert=0,
     coarse_grad=0.0,
     short_coarse=True,
+    far=0,
     niah=0.15,
     tile=1,
     block=64,
@@ -127,6 +131,7 @@ def get_config(arg=None):
   m.attention.update(fanout=8, beam=16, sink_blocks=1, local_blocks=local)
   m.attention.summary = arg.summary
   m.attention.coarse_grad = float(arg.coarse_grad)  # SSAConfig checks value and kind
+  m.attention.far_distance = arg.far  # and this
   if arg.kind == "indexer":
     m.attention.update(indexer_heads=4, indexer_dim=32)
   if arg.mix:
@@ -167,7 +172,7 @@ def get_config(arg=None):
     if arg.convert == steps and not arg.short:
       raise ValueError(f"convert={arg.convert} with short=0 leaves no dense step (steps={steps})")
     dense = dict(seq_len=4096, steps=steps - arg.convert, rope_scale=1.0)
-    dense["attention"] = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks")
+    dense["attention"] = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks", far_distance=0)
     c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]
     c.train.stages = [s for s in c.train.stages if s["steps"]]
   if arg.short:  # curriculum: recall at a short length first, then 4096
@@ -208,7 +213,7 @@ def get_config(arg=None):
       if not arg.short_coarse:
         attention["coarse_grad"] = 0.0
       if arg.convert:
-        attention = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks")
+        attention = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks", far_distance=0)
       if attention:
         short["attention"] = attention
       if arg.short_ruler:

@@ -62,6 +62,16 @@ class SSAConfig:
       nodes kept above; summaries as routing scores them, values the mean values under
       each node), so the branch costs O(T log T) like the descent. Keys under a node
       pruned high in the tree then learn only through that node's summary.
+    far_distance: block kinds: 0 scores every key at its true RoPE distance. D > 0 scores
+      the far blocks (sinks and chosen blocks; `sliding`: its window beyond the local
+      blocks) at bounded distances whatever T: key offset o of a far block at distance
+      D + B - 1 - o from every query (the caller passes `far_q`, q rotated at position
+      D + B - 1, and `far_k`, k rotated at its offset in its block, as
+      `Attention.project` does). Near blocks (local and own) keep
+      true distances, all < (W + 1) B; so no query meets a distance unseen in training at
+      any length (InfLLM's bounded remote positions, with in-block order kept). Routed
+      kinds with `route_with_rope` route with `far_q` and `far_k`: the score of a block
+      then depends on its content alone, not on how far back it lies.
   """
 
   kind: str = "ssa"
@@ -78,6 +88,7 @@ class SSAConfig:
   indexer_dim: int = 32
   coarse_grad: float = 0.0
   coarse_nodes: str = "blocks"
+  far_distance: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -108,6 +119,14 @@ class SSAConfig:
       raise ValueError(
         f"coarse_nodes='frontier' follows the routing tree's descent; kind={self.kind!r} has "
         "no tree (use coarse_nodes='blocks')"
+      )
+    far = self.far_distance
+    if isinstance(far, bool) or not isinstance(far, int) or far < 0:
+      raise ValueError(f"far_distance={far!r} must be an integer >= 0")
+    if far and self.kind not in BLOCK_KINDS:
+      raise ValueError(
+        f"far_distance={far} places far blocks; kind={self.kind!r} attends no blocks "
+        f"(only {BLOCK_KINDS})"
       )
     if self.block_size & (self.block_size - 1):
       raise ValueError(f"block_size={self.block_size} must be a power of two")

@@ -20,6 +20,8 @@ positions <= t; a step recomputes exactly what the full forward computes at t:
   of the complete blocks before the tile (rebuilt from the routing-key cache, which
   past t may hold stale entries: no summary the selection reads covers them).
 - `indexer`: the best `keys_per_query` tokens of [0, t] by the indexer score.
+With `far_distance` > 0 the cache also keeps the far keys (`far_k`), which score the
+sink and chosen slots against the step's `far_q` (and route, as in `subq_jax.ssa`).
 Positions of a buffer past a row's current position hold stale values (prompt padding)
 that no step reads before overwriting them. The step is a plain-JAX reference, O(T) per
 token (the cache is read whole to rebuild summaries and, for `dense`, to attend); the fast
@@ -69,10 +71,17 @@ def _layer(block, x, positions_BxT, inv_freq, attend_fn, history=None):
 def _routing_inputs(a: SSAConfig, q, k, routing):
   """(routing queries, routing keys) the selector of kind `a.kind` reads, or None."""
   if a.kind in ("ssa", "block_topk"):
-    if a.route_with_rope:
-      return q, k
-    return routing["routing_q"], routing["routing_k"]
+    if not a.route_with_rope:
+      return routing["routing_q"], routing["routing_k"]
+    if a.far_distance:
+      return routing["far_q"], routing["far_k"]
+    return q, k
   return None
+
+
+def _routing_keys(layer: dict) -> jax.Array:
+  """The cache's routing keys: position-free ones, else the far keys, else k."""
+  return layer.get("rk", layer.get("kf", layer["k"]))
 
 
 def prefill(model, tokens_BxT, lengths_B, *, return_argmax: bool = False):
@@ -96,6 +105,8 @@ def prefill(model, tokens_BxT, lengths_B, *, return_argmax: bool = False):
       q, k, v, a, scale=scale, implementation=cfg.attention_impl, return_info=True, **routing
     )
     layer = {"k": k, "v": v}
+    if a.far_distance:
+      layer["kf"] = routing["far_k"]
     rqk = _routing_inputs(a, q, k, routing)
     if rqk is not None:
       rq, rk = rqk
@@ -149,6 +160,8 @@ def step(model, cache, tokens_B):
     layer = dict(next(layers))
     layer["k"] = layer["k"].at[rows, pos].set(k[:, 0].astype(layer["k"].dtype))
     layer["v"] = layer["v"].at[rows, pos].set(v[:, 0].astype(layer["v"].dtype))
+    if "kf" in layer:
+      layer["kf"] = layer["kf"].at[rows, pos].set(routing["far_k"][:, 0].astype(layer["kf"].dtype))
     rqk = _routing_inputs(a, q, k, routing)
     if rqk is not None:
       rq, rk = rqk
@@ -194,9 +207,14 @@ def decode_attention(a: SSAConfig, q_BxHxD, layer: dict, pos_B, scale: float, ro
     bs = a.block_size
     safe = jnp.maximum(ids, 0)
     bi, hi = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
-    k_blocks = k.reshape(b, t // bs, bs, hkv, d)[bi, safe, :, hi].astype(jnp.float32)
-    v_blocks = v.reshape(b, t // bs, bs, hkv, d)[bi, safe, :, hi].astype(jnp.float32)
-    logits = jnp.einsum("bkgd,bksnd->bkgsn", q, k_blocks, precision=HIGHEST)
+    blocks = lambda x: x.reshape(b, t // bs, bs, hkv, d)[bi, safe, :, hi].astype(jnp.float32)
+    v_blocks = blocks(v)
+    logits = jnp.einsum("bkgd,bksnd->bkgsn", q, blocks(k), precision=HIGHEST)
+    if a.far_distance:  # sink and chosen slots scored far_q . far_k
+      qf = routing["far_q"][:, 0].astype(jnp.float32).reshape(q.shape)
+      far_logits = jnp.einsum("bkgd,bksnd->bkgsn", qf, blocks(layer["kf"]), precision=HIGHEST)
+      is_far = jnp.arange(ids.shape[-1]) < a.sink_blocks + a.top_k
+      logits = jnp.where(is_far[:, None], far_logits, logits)
     k_pos = safe[..., None] * bs + jnp.arange(bs)  # [B, hkv, slots, bs]
     visible = (ids >= 0)[..., None] & (k_pos <= pos_B[:, None, None, None])
     out = _softmax_values(logits * scale, visible[:, :, None], v_blocks, "bkgsn,bksnd->bkgd")
@@ -272,7 +290,7 @@ def _route(a: SSAConfig, layer, pos_B, prefix_B, hkv: int):
   rows = ring[jnp.arange(b)[:, None], window % size]  # [B, Q, hq, dr]
   rows = rows.reshape(b, q_tile, hkv, g, dr).transpose(0, 2, 1, 3, 4)
   rows = ssa._as_scoring_rows(rows.reshape(b, hkv, 1, q_tile * g, dr), a)
-  tables = ssa._tree(layer.get("rk", layer["k"]), a)
+  tables = ssa._tree(_routing_keys(layer), a)
 
   def one_row(rows_r, tables_r, prefix_r):
     tables_r = [x[None] for x in tables_r]

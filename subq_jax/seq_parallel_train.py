@@ -43,6 +43,11 @@ def sharded_attend(mesh, layout: str, seq_axis: str = "seq"):
         f"coarse_grad={config.coarse_grad} has no sequence-parallel path (its branch reads "
         "every block's summary); train with coarse_grad=0 or on one device"
       )
+    if config.far_distance:
+      raise ValueError(
+        f"far_distance={config.far_distance} has no sequence-parallel path yet (the ring "
+        "attends with one q and k); train with far_distance=0 or on one device"
+      )
     if implementation is None:  # as ssa_attention: Pallas kernels on GPU where they fit
       implementation = ssa_lib._default_implementation(q, k, config)
     impl = "pallas" if implementation == "pallas" and config.kind != "dense" else "xla"

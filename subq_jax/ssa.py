@@ -27,6 +27,9 @@ after t. A decoder then routes each tile once, when its first token arrives.
 Selection runs under stop_gradient; attention is differentiable in q, k and v.
 With `config.coarse_grad` > 0 the routing q and k also get the gradient of a coarse
 branch over every routable block's summary (`_coarse`; outputs unchanged).
+With `config.far_distance` > 0 the far blocks (sinks and chosen) are scored with the
+caller's `far_q` and `far_k` (bounded RoPE distances) and the near blocks (local and
+own) with q and k: two sparse calls whose (out, lse) merge into the one softmax.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def ssa_attention(
   routing_q: jax.Array | None = None,
   routing_k: jax.Array | None = None,
   indexer_weights: jax.Array | None = None,
+  far_q: jax.Array | None = None,
+  far_k: jax.Array | None = None,
   scale: float | None = None,
   implementation: str | None = None,
   return_info: bool = False,
@@ -102,6 +107,10 @@ def ssa_attention(
       and the indexer key [batch, seq, 1, indexer_dim].
       `dense` and `sliding` do not route and ignore them.
     indexer_weights: `indexer` only: per-token head weights [batch, seq, indexer_heads].
+    far_q, far_k: required with `config.far_distance` > 0 (block kinds), else None: q
+      and k as the far blocks (sinks and chosen) are scored, shaped as q and k (the
+      model rotates them to bounded distances, see `SSAConfig.far_distance`); routed
+      kinds with `route_with_rope` also route with them.
     scale: softmax scale; default 1 / sqrt(head_dim).
     implementation: `reference` (float32 brute force, small seq only), `xla`
       (blockwise), `pallas` (kernels; interpret mode on CPU), or None for the best
@@ -115,7 +124,11 @@ def ssa_attention(
     out with q's shape and dtype, and an `AttentionInfo` if `return_info`.
   """
   _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implementation)
+  _check_far(q, k, config, far_q, far_k)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  far = None if far_q is None else (far_q, far_k)
+  if far is not None and config.route_with_rope and config.kind in ROUTED_KINDS:
+    routing_q, routing_k = far  # route as attention scores the chosen blocks
   if implementation is None:
     implementation = _default_implementation(q, k, config)
   elif implementation == "pallas" and config.kind in BLOCK_KINDS:
@@ -126,14 +139,14 @@ def ssa_attention(
     from subq_jax import ssa_reference
 
     out, info = ssa_reference.attention(
-      q, k, v, config, routing_q, routing_k, indexer_weights, scale
+      q, k, v, config, routing_q, routing_k, indexer_weights, scale, far
     )
   elif config.kind == "dense":
     out, info = _dense(q, k, v, scale, implementation)
   elif config.kind == "indexer":
     out, info = _indexer(q, k, v, config, routing_q, routing_k, indexer_weights, scale)
   else:
-    out, info = _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation)
+    out, info = _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation, far)
   if config.coarse_grad:
     rq = q if routing_q is None else routing_q
     rk = k if routing_k is None else routing_k
@@ -237,6 +250,25 @@ def _check_inputs(q, k, v, config, routing_q, routing_k, indexer_weights, implem
       )
 
 
+def _check_far(q, k, config, far_q, far_k):
+  if (far_q is None) != (far_k is None):
+    raise ValueError("pass far_q and far_k together, or neither")
+  if not config.far_distance:
+    if far_q is not None:
+      raise ValueError("far_q/far_k are for far_distance > 0; got far_distance=0")
+    return
+  if far_q is None:
+    raise ValueError(
+      f"far_distance={config.far_distance} needs far_q and far_k (q and k rotated to the "
+      "far blocks' bounded positions, see SSAConfig.far_distance)"
+    )
+  if far_q.shape != q.shape or far_k.shape != k.shape:
+    raise ValueError(
+      f"far_q.shape={far_q.shape} / far_k.shape={far_k.shape} must equal "
+      f"q.shape={q.shape} / k.shape={k.shape}"
+    )
+
+
 # ------------------------------------------------------------------------ block kinds
 
 
@@ -318,7 +350,7 @@ def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
 
 
-def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
+def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation, far=None):
   hkv, g = k.shape[2], q.shape[2] // k.shape[2]
   group = _kernel_group(g, config) if implementation == "pallas" else g
   if group > g:  # tiles of fewer than 16 rows: the kernels run repeated heads
@@ -332,6 +364,7 @@ def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
       routing_k,
       scale,
       implementation,
+      None if far is None else (_repeat_group(far[0], hkv, group), far[1]),
     )
     b, t, _, d = out.shape
     return out.reshape(b, t, hkv, group, d)[:, :, :, :g].reshape(q.shape), info
@@ -342,14 +375,31 @@ def _block_sparse(q, k, v, config, routing_q, routing_k, scale, implementation):
   rk = kp if routing_k is None else _pad_seq(routing_k, bs)
   selected = _select(rq, rk, config, t, implementation)
   attention_fn = _ops(implementation, rq.dtype)[1]
-  block_ids = _slot_list(selected, config)
+  runs = _slot_runs(selected, config)
   kw = dict(block_size=bs, query_tile=config.tile, scale=scale)
-  if implementation == "pallas":  # the kernels' layout without the compaction sort
-    packed = attention_index.pack_runs(_slot_runs(selected, config))
-    out, _ = attention_fn(qp, kp, vp, packed, compacted=True, **kw)
-  else:
-    out, _ = attention_fn(qp, kp, vp, block_ids, **kw)
+
+  def attend(q_, k_, runs_):
+    if implementation == "pallas":  # the kernels' layout without the compaction sort
+      return attention_fn(q_, k_, vp, attention_index.pack_runs(runs_), compacted=True, **kw)
+    return attention_fn(q_, k_, vp, jnp.concatenate(runs_, axis=-1), **kw)
+
+  if far is None:
+    out, _ = attend(qp, kp, runs)
+  else:  # far blocks (sinks, chosen) with far_q . far_k, near (local, own) with q . k
+    far_q, far_k = (_pad_seq(x, bs) for x in far)
+    out = _merge_by_lse(attend(far_q, far_k, runs[:2]), attend(qp, kp, runs[2:]))
+  block_ids = jnp.concatenate(runs, axis=-1)
   return out[:, :t], AttentionInfo(selected, _block_pairs(block_ids, config, t))
+
+
+def _merge_by_lse(far, near):
+  """One softmax over two disjoint key sets from their (out, lse): the near set (the
+  query's own block) is never empty, so the merged lse is finite."""
+  (o_far, l_far), (o_near, l_near) = far, near
+  lse = jnp.logaddexp(l_far, l_near)  # [b, hq, t]
+  weight = lambda lse_part: jnp.exp(lse_part - lse).transpose(0, 2, 1)[..., None]
+  out = weight(l_far) * o_far.astype(jnp.float32) + weight(l_near) * o_near.astype(jnp.float32)
+  return out.astype(o_near.dtype)
 
 
 def _tile_prefix(num_tiles: int, config: SSAConfig) -> tuple[jax.Array, jax.Array]:

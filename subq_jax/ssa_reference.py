@@ -18,8 +18,12 @@ from subq_jax.config import SSAConfig
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights, scale):
-  """(out, AttentionInfo) of `config.kind`, as `ssa_attention` with implementation='reference'."""
+def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights, scale, far=None):
+  """(out, AttentionInfo) of `config.kind`, as `ssa_attention` with implementation='reference'.
+
+  `far`: None or (far_q, far_k), which score the keys outside the query's own block and
+  the `local_blocks` before it (`SSAConfig.far_distance`).
+  """
   from subq_jax.ssa import AttentionInfo
 
   b, t, hq, _ = q.shape
@@ -36,7 +40,13 @@ def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights,
     rk = k if routing_k is None else routing_k
     selected = select_blocks(rq, rk, config)
     allowed = block_mask(selected, config, t)
-  out, _ = masked_attention(q, k, v, allowed, scale)
+  near = None
+  if far is not None:
+    pos = jnp.arange(t)
+    near = (
+      pos[None, :] // config.block_size >= pos[:, None] // config.block_size - config.local_blocks
+    )
+  out, _ = masked_attention(q, k, v, allowed, scale, far, near)
   pairs = allowed.sum(axis=(2, 3)).astype(jnp.float32)
   loss = None
   if config.kind == "indexer":
@@ -44,14 +54,24 @@ def attention(q, k, v, config: SSAConfig, routing_q, routing_k, indexer_weights,
   return out.astype(q.dtype), AttentionInfo(selected, pairs, loss)
 
 
-def masked_attention(q, k, v, allowed, scale):
-  """Dense float32 softmax attention under `allowed` [b, kv_heads, T, T]; (out, lse)."""
+def masked_attention(q, k, v, allowed, scale, far=None, near=None):
+  """Dense float32 softmax attention under `allowed` [b, kv_heads, T, T]; (out, lse).
+
+  With `far` = (far_q, far_k), a (query, key) pair outside `near` [T, T] is scored
+  far_q . far_k instead of q . k.
+  """
   b, t, hq, d = q.shape
   g = hq // k.shape[2]
   f32 = jnp.float32
-  k_rep = jnp.repeat(k.astype(f32), g, axis=2)
   v_rep = jnp.repeat(v.astype(f32), g, axis=2)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), k_rep, precision=HIGHEST) * scale
+
+  def scores(q_, k_):
+    k_rep = jnp.repeat(k_.astype(f32), g, axis=2)
+    return jnp.einsum("bqhd,bkhd->bhqk", q_.astype(f32), k_rep, precision=HIGHEST) * scale
+
+  logits = scores(q, k)
+  if far is not None:
+    logits = jnp.where(near, logits, scores(*far))
   logits = jnp.where(jnp.repeat(allowed, g, axis=1), logits, -jnp.inf)
   lse = jax.nn.logsumexp(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(logits - lse[..., None]), v_rep, precision=HIGHEST)

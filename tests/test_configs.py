@@ -229,6 +229,22 @@ def test_ablation_coarse_grad_routes_with_the_coarse_gradient():
       module.get_config(arg)
 
 
+def test_ablation_far_places_far_blocks_in_every_block_stage():
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("block=16,short_steps=2,steps=5,far=80"))
+  attention = [train_lib.stage_model_config(cfg, i).attention for i in range(2)]
+  assert [(a.kind, a.far_distance) for a in attention] == [("ssa", 80), ("ssa", 80)]
+  cfg = resolve(module.get_config("block=16,short_steps=2,steps=5,convert=2,far=80"))
+  attention = [train_lib.stage_model_config(cfg, i).attention for i in range(3)]
+  assert [(a.kind, a.far_distance) for a in attention] == [("dense", 0), ("dense", 0), ("ssa", 80)]
+  for arg, match in (
+    ("kind=dense,far=80", "kind='dense' attends no blocks"),
+    ("far=-1", "far_distance=-1"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      resolve(module.get_config(arg))
+
+
 def test_ablation_convert_trains_dense_first():
   module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
   arg = "block=16,summary=bounds,short_chars=4-8,short_steps=2-2,steps=5,convert=2"

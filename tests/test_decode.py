@@ -43,6 +43,11 @@ CASES = {
     rope_original_length=16,
   ),
   "bfloat16": dict(attention_pattern=("ssa",), dtype="bfloat16"),
+  # Far blocks at bounded distances (far_q, far_k cached and routed with).
+  "far_blocks": dict(
+    attention_pattern=("ssa", "block_topk", "sliding"),
+    attention=dataclasses.replace(ATTN, far_distance=8),
+  ),
 }
 
 

@@ -168,3 +168,25 @@ def test_yarn_changes_model_only_when_scaled():
 def test_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(TINY, **kwargs)
+
+
+def test_far_scores_depend_on_the_key_offset_not_the_distance():
+  """far_distance D: a far key at block offset o scores as the same key and query under
+  true RoPE at distance D + B - 1 - o, wherever the two lie."""
+  d_far, bs = 8, ATTN.block_size
+  cfg = dataclasses.replace(TINY, attention=dataclasses.replace(ATTN, far_distance=d_far))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  attn = model.blocks[0].attn
+  x = jax.random.normal(jax.random.key(1), (1, 64, cfg.d_model))
+  # Query content at 40 and 9; key content (block offset 1) at 5 and 33, and at 30, the
+  # true-RoPE position at distance D + B - 1 - 1 = 10 before the query at 40.
+  x = x.at[:, 9].set(x[:, 40]).at[:, 33].set(x[:, 5]).at[:, 30].set(x[:, 5])
+  inv_freq, _ = model.rope_tables()
+  positions = jnp.arange(64)[None]
+  q, k, _, kw = attn.project(x, positions, inv_freq)
+  far = lambda p_q, p_k: float(jnp.dot(kw["far_q"][0, p_q, 0], kw["far_k"][0, p_k, 0]))
+  true = float(jnp.dot(q[0, 40, 0], k[0, 40 - (d_far + bs - 2), 0]))
+  for p_q, p_k in ((40, 5), (9, 33), (40, 33), (9, 5)):
+    np.testing.assert_allclose(far(p_q, p_k), true, rtol=1e-5, atol=1e-5)
+  # Under true RoPE the same pairs do depend on the distance.
+  assert abs(float(jnp.dot(q[0, 40, 0], k[0, 5, 0])) - true) > 1e-3

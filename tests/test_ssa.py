@@ -3,6 +3,7 @@ invariants of DESIGN.md §1, on fresh random inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import chex
@@ -525,6 +526,97 @@ def test_route_without_rope_uses_routing_inputs():
   assert not np.array_equal(want, select(q, k, SSAConfig(**SMALL)))
 
 
+def _far_inputs(seed, q, k):
+  kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+  return dict(
+    far_q=jax.random.normal(kq, q.shape, jnp.float32).astype(q.dtype),
+    far_k=jax.random.normal(kk, k.shape, jnp.float32).astype(k.dtype),
+  )
+
+
+@pytest.mark.parametrize(
+  "kind, summary, dtype",
+  [
+    ("ssa", "bounds", jnp.float32),
+    ("block_topk", "mean", jnp.float32),
+    ("sliding", "mean", jnp.bfloat16),
+  ],
+)
+def test_far_blocks_match_reference(kind, summary, dtype):
+  """far_distance > 0: sinks and chosen blocks scored far_q . far_k, local and own blocks
+  q . k, in one softmax: the blockwise path's two merged calls equal the reference's
+  dense softmax with the far pairs' logits swapped in, outputs and all five gradients."""
+  config = SSAConfig(kind=kind, summary=summary, far_distance=20, **SMALL)
+  t = 173
+  q, k, v = _qkv(141, 1, t, 4, 2, 32, dtype)
+  far = _far_inputs(142, q, k)
+  out, info = _run(q, k, v, config, "xla", **far)
+  ref, ref_info = _run(q, k, v, config, "reference", **far)
+  np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
+  assert int((info.selected_blocks >= 0).sum()) > 0
+  chex.assert_trees_all_close(out, ref, **TOL[dtype])
+  # Not the attention without them: the far pairs are scored differently.
+  plain = _run(q, k, v, dataclasses.replace(config, far_distance=0), "xla")[0]
+  assert float(jnp.abs(out.astype(jnp.float32) - plain.astype(jnp.float32)).max()) > 0.1
+  if dtype != jnp.float32:
+    return
+  cotangent = jax.random.normal(jax.random.PRNGKey(143), q.shape)
+
+  def loss(q, k, v, far_q, far_k, implementation):
+    o = ssa_attention(q, k, v, config, far_q=far_q, far_k=far_k, implementation=implementation)
+    return jnp.sum(o * cotangent)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+  grads = grad(q, k, v, far["far_q"], far["far_k"], "xla")
+  chex.assert_trees_all_close(
+    grads, grad(q, k, v, far["far_q"], far["far_k"], "reference"), atol=5e-5, rtol=5e-5
+  )
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads)
+
+
+def test_far_inputs_equal_to_q_and_k_give_the_plain_attention():
+  """The merge of the far and near calls is exact: with far_q = q and far_k = k the
+  output is the one-call attention (routing reads the same inputs too)."""
+  config = SSAConfig(summary="bounds", far_distance=20, **SMALL)
+  q, k, v = _qkv(151, 1, 150, 4, 2, 32)
+  out, info = _run(q, k, v, config, "xla", far_q=q, far_k=k)
+  plain, plain_info = _run(q, k, v, dataclasses.replace(config, far_distance=0), "xla")
+  np.testing.assert_array_equal(info.selected_blocks, plain_info.selected_blocks)
+  chex.assert_trees_all_close(out, plain, atol=2e-6, rtol=2e-6)
+
+
+def test_far_inputs_route_the_routed_kinds():
+  """With route_with_rope, the routed kinds choose blocks by far_q . far_k summaries."""
+  config = SSAConfig(far_distance=20, **SMALL)
+  q, k, v = _qkv(161, 1, 160, 4, 2, 32)
+  far = _far_inputs(162, q, k)
+  info = _run(q, k, v, config, "xla", **far)[1]
+  select = jax.jit(select_blocks, static_argnames="config")
+  want = select(far["far_q"], far["far_k"], config)
+  np.testing.assert_array_equal(info.selected_blocks, want)
+  assert not np.array_equal(want, select(q, k, config))
+
+
+@pytest.mark.parametrize("tile", [1, 16])
+def test_pallas_far_blocks_match_xla(tile):
+  """The far and near calls through the Pallas kernels (tiles of 1: repeated heads)."""
+  config = SSAConfig(**{**SMALL, "query_tile": tile, "top_k": 2, "far_distance": 20})
+  q, k, v = _qkv(171, 1, 64, 4, 2, 16)
+  far = _far_inputs(172, q, k)
+  out, info = _run(q, k, v, config, "pallas", **far)
+  ref, ref_info = _run(q, k, v, config, "xla", **far)
+  np.testing.assert_array_equal(info.selected_blocks, ref_info.selected_blocks)
+  chex.assert_trees_all_close(out, ref, atol=2e-5, rtol=2e-5)
+
+  def loss(q, k, v, far_q, far_k, impl):
+    o = ssa_attention(q, k, v, config, far_q=far_q, far_k=far_k, implementation=impl)
+    return jnp.sum(o**2)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+  args = (q, k, v, far["far_q"], far["far_k"])
+  chex.assert_trees_all_close(grad(*args, "pallas"), grad(*args, "xla"), atol=5e-5, rtol=5e-5)
+
+
 def _bad(**changes):
   q, k, v = _qkv(91, 1, 64, 4, 2, 16)
   args = dict(q=q, k=k, v=v, config=SSAConfig(**SMALL))
@@ -552,6 +644,17 @@ def _bad(**changes):
     (_bad(config=SSAConfig(route_with_rope=False)), "position-free"),
     (_bad(config=SSAConfig(kind="indexer")), "kind='indexer' needs routing_q"),
     (_bad(indexer_weights=jnp.ones((1, 64, 4))), "indexer_weights is for"),
+    (_bad(far_q=jnp.ones((1, 64, 4, 16))), "far_q and far_k together"),
+    (_bad(far_q=jnp.ones((1, 64, 4, 16)), far_k=jnp.ones((1, 64, 2, 16))), "far_distance=0"),
+    (_bad(config=SSAConfig(far_distance=8)), "far_distance=8 needs far_q and far_k"),
+    (
+      _bad(
+        config=SSAConfig(far_distance=8),
+        far_q=jnp.ones((1, 64, 4, 16)),
+        far_k=jnp.ones((1, 64, 2, 8)),
+      ),
+      r"far_k.shape=\(1, 64, 2, 8\)",
+    ),
   ],
 )
 def test_bad_input_names_the_values(args, match):
@@ -576,6 +679,9 @@ def test_bad_input_names_the_values(args, match):
     (dict(coarse_grad="1"), "coarse_grad='1'"),
     (dict(kind="sliding", coarse_grad=1.0), "coarse_grad=1.0 .* kind='sliding'"),
     (dict(kind="dense", coarse_grad=0.5), "kind='dense' does not route"),
+    (dict(far_distance=-4), "far_distance=-4"),
+    (dict(far_distance=True), "far_distance=True"),
+    (dict(kind="indexer", far_distance=8), "kind='indexer' attends no blocks"),
   ],
 )
 def test_bad_config_names_the_values(fields, match):
