@@ -19,9 +19,12 @@
 V=short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1${EXTRA}
 TAG=${TAG:-s12}
 L_b16="b16:ssa_bounds:$V,block=16:1e-3:1::16+b16:ssa_yarn:$V,block=16:1e-3:4,16:-:8"
+# Session 19: far blocks at bounded distances, LANES=fr EXTRA=,coarse_grad=1,short_coarse=0,far=80:
+# evaluated beyond 4K without YaRN (no distance is unseen), then with it (mults 16,4 keep the file apart).
+L_fr="fr:ssa_bounds:$V,block=16:1e-3:1::16+fr:ssa_bounds:$V,block=16:1e-3:4,16:-:8+fr:ssa_yarn:$V,block=16:1e-3:16,4:-:8"
 L_dn="dn:dense_rope:$V:1e-3:1::16+dn:dense_yarn:$V:1e-3:4,16:-:8"
 L_sl="sl:sliding:$V,block=16:1e-3:1::16+sl:sliding:$V,block=16:1e-3:4,16:-:8"
-declare -A TRAINED=([b16]=ssa_bounds [dn]=dense_rope [sl]=sliding)
+declare -A TRAINED=([fr]=ssa_bounds [b16]=ssa_bounds [dn]=dense_rope [sl]=sliding)
 LANES=${LANES:-dn b16}; RUNS=""; for n in $LANES; do v=L_$n; RUNS="$RUNS ${!v}"; done
 D=/tmp/c8_$TAG
 if [ -f runs/cmp/ck/c8_$TAG.tar.gz ] && [ ! -d $D ]; then
