@@ -282,19 +282,18 @@ class Attention(nnx.Module):
       kwargs["indexer_weights"] = self.idx_w(xi)
     elif a.kind != "dense" and not a.route_with_rope:
       kwargs["routing_q"], kwargs["routing_k"] = q, k
+    q_axes, kv_axes = (
+      ("batch", "seq", "heads", "head_dim"),
+      ("batch", "seq", "kv_heads", "head_dim"),
+    )
     if a.far_distance:  # far blocks at bounded distances (SSAConfig.far_distance)
       far_pos = jnp.full_like(positions_BxT, a.far_distance + a.block_size - 1)
-      kwargs["far_q"] = apply_rope(q, far_pos, inv_freq)
-      kwargs["far_k"] = apply_rope(k, positions_BxT % a.block_size, inv_freq)
-    q = apply_rope(q, positions_BxT, inv_freq)
-    k = apply_rope(k, positions_BxT, inv_freq)
-    q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"))
-    k, v = (sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (k, v))
-    if a.far_distance:
-      kwargs["far_q"] = sharding.constrain(kwargs["far_q"], ("batch", "seq", "heads", "head_dim"))
-      kwargs["far_k"] = sharding.constrain(
-        kwargs["far_k"], ("batch", "seq", "kv_heads", "head_dim")
-      )
+      kwargs["far_q"] = sharding.constrain(apply_rope(q, far_pos, inv_freq), q_axes)
+      far_k = apply_rope(k, positions_BxT % a.block_size, inv_freq)
+      kwargs["far_k"] = sharding.constrain(far_k, kv_axes)
+    q = sharding.constrain(apply_rope(q, positions_BxT, inv_freq), q_axes)
+    k = sharding.constrain(apply_rope(k, positions_BxT, inv_freq), kv_axes)
+    v = sharding.constrain(v, kv_axes)
     return q, k, v, kwargs
 
   def __call__(self, x_BxTxD, positions_BxT, inv_freq, scale, return_info, attention_fn=None):
