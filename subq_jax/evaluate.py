@@ -461,9 +461,7 @@ def suite_eval(
           scores, dists, fraction = _score_teacher_forced(
             runner, samples, tokenizer, suite.batch_size, length
           )
-          edges = np.linspace(0, length, 5).round().astype(int).tolist()
-          edges[-1] += 1
-          cell["by_distance"] = scoring.bucket_by_distance(dists, scores, edges)
+          cell["by_distance"] = scoring.bucket_by_distance(dists, scores, _distance_edges(length))
           cell["scoring"] = "teacher-forced exact match per query"
         else:
           scores, preds, fraction = _score_generated(
@@ -489,7 +487,7 @@ def suite_eval(
       if data_cfg is None:
         raise ValueError("suite.train_tasks needs the run's data_cfg")
       t0 = time.time()
-      scores, fraction, routing, by_position = _train_format(
+      scores, fraction, routing, by_position, dists = _train_format(
         runner, data_cfg, tokenizer, task, length, suite
       )
       cell = {
@@ -508,6 +506,7 @@ def suite_eval(
         "scores": [float(x) for x in scores],
         "pairs_fraction": fraction,
         "answer_acc_by_position": by_position,
+        "by_distance": scoring.bucket_by_distance(dists, scores, _distance_edges(length)),
         "wall_s": round(time.time() - t0, 2),
       }
       if routing is not None:
@@ -522,9 +521,23 @@ def suite_eval(
       log(
         f"{cell['task']} at {length} tokens: {cell['mean']:.3f} [{cell['lo']:.3f}, "
         f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%{seen}, "
-        "answer token accuracy by position " + " ".join(f"{a:.2f}" for a in by_position)
+        "answer token accuracy by position "
+        + " ".join(f"{a:.2f}" for a in by_position)
+        + ", by distance quarter "
+        + _fmt_quarters(cell["by_distance"])
       )
   return cells
+
+
+def _distance_edges(length: int) -> list[int]:
+  """Quarters of the sequence: the buckets of accuracy by needle (key) to query distance."""
+  edges = np.linspace(0, length, 5).round().astype(int).tolist()
+  edges[-1] += 1
+  return edges
+
+
+def _fmt_quarters(buckets: list[dict]) -> str:
+  return " ".join(f"{b['mean']:.2f}({b['n']})" if b["n"] else "-" for b in buckets)
 
 
 _SAMPLES: dict = {}  # (task, length, seed, depth, source key) -> TaskSample
@@ -544,7 +557,8 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
 
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
   """Teacher-forced exact match of every query of the training-format `task`:
-  (scores per query, pairs fraction, needle routing, accuracy by answer position).
+  (scores per query, pairs fraction, needle routing, accuracy by answer position,
+  distances per query: tokens from its needle's or pair's value to its answer).
   Accuracy by position: per k, the fraction of queries (of those with k+1 answer tokens
   or more) whose k-th answer token is right; a miss in the first character (finding the
   value) against one in the copy after it. For `niah` in a model whose layers select
@@ -565,12 +579,12 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
       length,
       np.random.default_rng([suite.seed, 7, index, i]),
       task,
-      needle_at=routed,
+      needle_at=True,
     )
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
-  scores, fractions, hits, tokens_ok = [], [], [], []
+  scores, fractions, hits, tokens_ok, dists = [], [], [], [], []
   for i in range(0, len(seqs), suite.batch_size):
     chunk = seqs[i : i + suite.batch_size]
     tokens = _pad_rows([c["tokens"][:-1] for c in chunk], width, suite.batch_size, tokenizer.pad_id)
@@ -580,9 +594,10 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for j, c in enumerate(chunk):
       target = c["tokens"][1:]
       spans = answer_spans(c["answer_mask"][1:])
-      for a, b in spans:
+      for (a, b), at in zip(spans, c["needle_at"], strict=True):
         tokens_ok.append(pred[j, a:b] == target[a:b])
         scores.append(float(np.all(tokens_ok[-1])))
+        dists.append(a + 1 - int(at))  # target[a] is tokens[a + 1]
       if routed:
         hits.append(
           [
@@ -598,7 +613,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
       routing.append(None if seen is None else float(np.mean(seen)))
   longest = max((len(ok) for ok in tokens_ok), default=0)
   by_position = [float(np.mean([ok[k] for ok in tokens_ok if len(ok) > k])) for k in range(longest)]
-  return scores, float(np.mean(fractions)), routing, by_position
+  return scores, float(np.mean(fractions)), routing, by_position, dists
 
 
 def pool(cells: list[dict]) -> dict:
@@ -618,6 +633,10 @@ def pool(cells: list[dict]) -> dict:
       "pairs_fraction": float(np.mean([c["pairs_fraction"] for c in group])),
     }
   return out
+
+
+def _fmt_row(values: list) -> str:
+  return " ".join("-" if x is None else f"{x:.2f}" for x in values)
 
 
 def _fmt_cell(r: dict) -> str:
@@ -645,12 +664,13 @@ def suite_table(cells: list[dict], train_len: int) -> str:
   per_cell = (  # field, its row's label, the fewest entries worth a row
     ("needle_block_attended", "needle block attended, by layer", 1),
     ("answer_acc_by_position", "answer token accuracy, by position", 2),
+    ("by_distance", "accuracy by needle-query distance, quarters of the length", 1),
   )
   for key, label, fewest in per_cell:
     got = {(c["task"], c["length"]): c[key] for c in cells if len(c.get(key) or ()) >= fewest}
     for t in dict.fromkeys(t for t, _ in got):
       by = [got.get((t, n)) for n in lengths]
-      row = [" ".join("-" if x is None else f"{x:.2f}" for x in r) if r else "" for r in by]
+      row = [(_fmt_quarters(r) if key == "by_distance" else _fmt_row(r)) if r else "" for r in by]
       lines.append(f"| {t}: {label} | | " + " | ".join(row) + " |")
   if skipped:
     lines.append(

@@ -96,6 +96,38 @@ def test_niah_needle_at_is_each_querys_needle_value(fmt):
     assert needle.endswith(before.format(key=key)), (needle, key)
 
 
+@pytest.mark.parametrize(
+  "fmt",
+  [
+    {},  # "block": the queries right after the pairs
+    dict(
+      layout="spread",
+      pairs_at=0.5,
+      key_alphabet="greek",
+      key_len=1,
+      value_len=1,
+      separator="",
+      num_pairs=24,
+      num_queries=24,
+    ),  # fmt: skip
+  ],
+)
+def test_mqar_needle_at_is_each_querys_pair_value(fmt):
+  """`needle_at[i]` is where query i's pair value starts: the value there equals the
+  answer and the key before it is the key the query asks for, and no other pair holds it."""
+  cfg = dataclasses.replace(CFG.mqar, **fmt)
+  stream = corpus.token_stream(TOK, "train", 0.3, ROOT)
+  for seed in range(4):
+    s = tasks.mqar(np.random.default_rng(seed), TOK, stream, 1500, cfg)
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], s.answer_mask.astype(int), [0]])))
+    assert len(s.needle_at) == cfg.num_queries == len(set(s.needle_at.tolist()))
+    key = tasks.KEY_ALPHABETS[cfg.key_alphabet][0] * cfg.key_len
+    before = len(TOK.encode(key + cfg.separator))  # the key and separator, in tokens
+    for (a, b), at in zip(zip(spans[::2], spans[1::2], strict=True), s.needle_at, strict=True):
+      assert at < a and np.array_equal(s.tokens[at : at + b - a], s.tokens[a:b])
+      assert np.array_equal(s.tokens[at - before : at], s.tokens[a - before : a])
+
+
 def test_niah_greek_keys():
   cfg = tasks.NIAHConfig(
     num_needles=6, num_queries=6, uuid_chars=2, key_alphabet="greek", value_alphabet="digits"
@@ -259,9 +291,8 @@ def test_task_min_len_places_whole_tasks_anywhere_among_code():
       assert s["tokens"].shape == (601,) and s["answer_mask"].shape == (601,)
       answers = np.flatnonzero(s["answer_mask"])
       ends.append(answers[-1])
-      if source != "niah":
-        continue
-      starts.append(s["needle_at"].min())
+      if source == "niah":
+        starts.append(s["needle_at"].min())
       spans = np.flatnonzero(np.diff(np.concatenate([[0], s["answer_mask"].astype(int), [0]])))
       for (a, b), at in zip(zip(spans[::2], spans[1::2], strict=True), s["needle_at"], strict=True):
         assert at < a and np.array_equal(s["tokens"][at : at + b - a], s["tokens"][a:b])

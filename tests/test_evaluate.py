@@ -227,12 +227,13 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
   # The training-format sequences' last target is not among the inputs: record them.
   from subq_jax.data import pipeline
 
-  whole, masks, make_sample = {}, {}, pipeline.make_sample
+  whole, masks, needles, make_sample = {}, {}, {}, pipeline.make_sample
 
   def recording(*args, **kwargs):
     sample = make_sample(*args, **kwargs)
     whole[sample["tokens"][:-1].tobytes()] = sample["tokens"][1:]
     masks[sample["tokens"][:-1].tobytes()] = sample["answer_mask"][1:]
+    needles[sample["tokens"][:-1].tobytes()] = sample["needle_at"]
     return sample
 
   def teacher_forced(self, tokens):
@@ -241,9 +242,11 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
       target = whole.get(row[:3000].tobytes())
       if target is not None:
         shifted[r, :3000] = target
-        if wrong[0] == "first":  # only each answer's first token wrong
-          for a, _ in evaluate.answer_spans(masks[row[:3000].tobytes()]):
-            shifted[r, a] += 1
+        spans = evaluate.answer_spans(masks[row[:3000].tobytes()])
+        for (a, _), at in zip(spans, needles[row[:3000].tobytes()], strict=True):
+          # "first": each answer's first token wrong; "far": answers 1,500 tokens or more
+          # after their needle (pair) value wrong
+          shifted[r, a] += wrong[0] == "first" or (wrong[0] == "far" and a + 1 - at >= 1500)
     return (shifted + (1 if wrong[0] == "no" else 0)), 0.5
 
   def select_all(self, tokens):  # every earlier block chosen by every tile
@@ -257,7 +260,8 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
   monkeypatch.setattr(evaluate._Runner, "generate", oracle)
   monkeypatch.setattr(evaluate._Runner, "teacher_forced", teacher_forced)
   monkeypatch.setattr(evaluate._Runner, "selections", select_all)
-  data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3)
+  spread = ruler.tasks.MQARConfig(layout="spread")  # queries at any distance from the pairs
+  data_cfg = DataConfig(corpus_root=ROOT, val_fraction=0.3, mqar=spread)
   kw = dict(corpus_root=ROOT, val_fraction=0.3, data_cfg=data_cfg, log=lambda *_: None)
   for wrong[0], expect in ((None, 1.0), ("no", 0.0), ("first", 0.0)):
     cells = evaluate.suite_eval(None, ModelConfig(dtype="float32"), 1000, suite, **kw)
@@ -288,6 +292,26 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
     assert "needle_block_attended" not in next(
       c for c in cells if c["task"] == "mqar (train format)"
     )
+  # Accuracy by needle-query distance, in quarters of the 3,000 tokens: "far" breaks the
+  # answers in the last two.
+  wrong[0] = "far"
+  cells = evaluate.suite_eval(None, ModelConfig(dtype="float32"), 1000, suite, **kw)
+  for task in trained:
+    c = next(c for c in cells if c["task"] == task)
+    buckets = c["by_distance"]
+    assert [(b["lo_distance"], b["hi_distance"]) for b in buckets] == [
+      (0, 750),
+      (750, 1500),
+      (1500, 2250),
+      (2250, 3001),
+    ]
+    assert sum(b["n"] for b in buckets) == c["n"] == len(c["scores"])
+    near = {b["mean"] for b in buckets[:2] if b["n"]}
+    far = {b["mean"] for b in buckets[2:] if b["n"]}
+    assert near <= {1.0} and far <= {0.0}, (task, buckets)
+    assert 0 < c["mean"] < 1, (task, buckets)  # both near and far queries were drawn
+  table = evaluate.suite_table(cells, 1000)
+  assert "mqar (train format): accuracy by needle-query distance" in table
 
 
 def test_needle_block_attended_hand_worked():
@@ -327,7 +351,8 @@ def test_needle_routing_of_a_real_ssa_model():
                        dtype="float32", attention=attn)  # fmt: skip
     _, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
     runner = evaluate._Runner(params, mcfg)
-    scores, _, routing, _ = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    scores, _, routing, _, dists = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    assert len(dists) == len(scores) and all(0 < d < 256 for d in dists), dists
     assert len(scores) == 2 * data_cfg.niah.num_queries
     out[top_k] = routing
   assert out[16] == [1.0, 1.0]

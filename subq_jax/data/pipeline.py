@@ -122,8 +122,8 @@ def make_sample(
 ):
   """One packed sequence of `seq_len + 1` tokens from `source`, as a dict of arrays.
   `text_source` (a `ruler.Source`, default the training split) feeds the `ruler` source.
-  `needle_at` (evaluation only: training batches keep one set of keys): a `niah`
-  sample's dict also holds `tasks.Sample.needle_at`."""
+  `needle_at` (evaluation only: training batches keep one set of keys): a `niah` or
+  `mqar` sample's dict also holds `tasks.Sample.needle_at`."""
   inner = seq_len  # the task's own length (see DataConfig.task_min_len)
   if source in ("niah", "mqar", "ruler") and cfg.task_min_len:
     inner = int(rng.integers(min(cfg.task_min_len, seq_len), seq_len + 1))
@@ -146,7 +146,7 @@ def make_sample(
     "answer_mask": sample.answer_mask,
     "source": np.int32(SOURCES.index(source)),
   }
-  if needle_at and source == "niah":
+  if needle_at and source in ("niah", "mqar"):
     out["needle_at"] = sample.needle_at
   return out
 

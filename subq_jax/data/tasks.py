@@ -107,8 +107,9 @@ class MQARConfig:
 class Sample:
   tokens: np.ndarray  # int32 [length]
   answer_mask: np.ndarray  # bool [length]: True on answer tokens
-  # `niah` only: per query, in order, the position of its needle's value (the copy the
-  # answer repeats); the routing diagnostic of subq_jax.evaluate reads it
+  # `niah` and `mqar`: per query, in order, the position of its needle's (pair's) value,
+  # the copy the answer repeats; subq_jax.evaluate reads it for the routing diagnostic and
+  # for accuracy by distance
   needle_at: np.ndarray | None = None
 
 
@@ -198,14 +199,12 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
       keys.append(k)
   values = [word(string.digits, cfg.value_len) for _ in keys]
   kv_sep = cfg.separator
-  parts = [
-    (enc("mqar " + " ".join(f"{k}{kv_sep}{v}" for k, v in zip(keys, values, strict=True))), False)
-  ]
-  parts.append((enc(" |"), False))
-  queries = [
-    [(enc(f" {keys[i]}{kv_sep}"), False), (enc(values[i]), True)]
-    for i in rng.permutation(cfg.num_pairs)[: cfg.num_queries]
-  ]
+  pairs = [f"{k}{kv_sep}{v}" for k, v in zip(keys, values, strict=True)]
+  parts = [(enc("mqar " + " ".join(pairs)), False), (enc(" |"), False)]
+  # where each pair's value starts, from the pairs' start
+  value_at = [len(enc("mqar " + " ".join([*pairs[:i], k + kv_sep]))) for i, k in enumerate(keys)]
+  asked = rng.permutation(cfg.num_pairs)[: cfg.num_queries]
+  queries = [[(enc(f" {keys[i]}{kv_sep}"), False), (enc(values[i]), True)] for i in asked]
   sep = np.asarray([tokenizer.sep_id], np.int32)
   if cfg.layout == "spread":
     free = length - 1 - sum(len(p) for p, _ in parts + sum(queries, []))
@@ -219,7 +218,9 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
     for cut, query in zip(cuts, queries, strict=True):
       parts += [(fill[prev:cut], False)] + query
       prev = cut
-    return _fit(_concat(parts + [(fill[prev:], False)]), length, "mqar")
+    sample = _fit(_concat(parts + [(fill[prev:], False)]), length, "mqar")
+    sample.needle_at = np.asarray([start + 1 + value_at[i] for i in asked], np.int64)
+    return sample
   parts += sum(queries, [])
   doc_len = sum(len(p) for p, _ in parts)
   free = length - doc_len - 2
@@ -231,4 +232,6 @@ def mqar(rng, tokenizer, stream, length: int, cfg: MQARConfig) -> Sample:
     + parts
     + [(sep, False), (code_window(rng, stream, free - before), False)]
   )
-  return _fit(_concat(parts), length, "mqar")
+  sample = _fit(_concat(parts), length, "mqar")
+  sample.needle_at = np.asarray([before + 1 + value_at[i] for i in asked], np.int64)
+  return sample
