@@ -77,8 +77,9 @@ at 16x); `short_top_k=2` learned no lookup at 512 tokens in 3,500 steps (session
 learned NIAH at 512 tokens (session 16). `coarse_grad=1,short_coarse=0` (the gradient in
 the 4096 stage only) lost MQAR with no seed of three and gave NIAH 0.98 / 0.89 / 0.89 at
 4K, 0.70 / 0.69 / 0.55 at 16x with YaRN (sessions 17-18). Adding `far=80` (far blocks
-at bounded distances, no YaRN) gave seed 0 NIAH 0.988 at 4K, 0.992 at 16x (n = 256 each)
-and 1.00 at 1,048,576 tokens (n = 32), but MQAR 0.90 at 4K and 0.54 at 16x (session 19).
+at bounded distances, no YaRN) gave seeds 0 / 1 / 2 NIAH 0.988 / 0.980 / 0.973 at 4K and
+0.992 / 0.965 / 0.965 at 16x (n = 256 each), 1.00 at 1,048,576 tokens (seeds 0, 2; n =
+32); MQAR 0.99 at 4K for seeds 1 and 2, 0.90 for seed 0 (sessions 19-20).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
