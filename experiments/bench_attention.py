@@ -11,6 +11,9 @@ Rows:
                  branch is quadratic in T / block_size, so up to --max_quadratic)
   ssa_frontier   ssa with `coarse_grad=1, coarse_nodes="frontier"` (fwdbwd only): the
                  coarse branch over the descent's scored nodes, O(T log T)
+  ssa_far        ssa with `far_distance` = (local_blocks + 1) x block_size: the far blocks
+                 (sinks, chosen) and the near ones in two sparse calls merged by their
+                 log-sum-exp (far_q / far_k: q and k with the head dimension reversed)
   ssa_synthetic  the attention kernel on a synthetic list of the same budget
                  (stratified random blocks), independent of what routing picks
   dense_cudnn    jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)

@@ -264,6 +264,17 @@ def _row_functions(
     frontier_cfg = dataclasses.replace(ssa_cfg, coarse_grad=1.0, coarse_nodes="frontier")
     frontier = lambda q, k, v: ssa.ssa_attention(q, k, v, frontier_cfg, implementation="pallas")
     add("ssa_frontier", frontier, (q, k, v))
+  if "ssa_far" in rows:
+    # far blocks right past the local and own blocks (session 19's far=80 with 16-token
+    # blocks and 4 local blocks); far_q / far_k stand in for the rotated copies, made from
+    # q and k inside the timed function so that their gradients reach q and k
+    far_cfg = dataclasses.replace(
+      ssa_cfg, far_distance=(ssa_cfg.local_blocks + 1) * ssa_cfg.block_size
+    )
+    far = lambda q, k, v: ssa.ssa_attention(
+      q, k, v, far_cfg, far_q=q[..., ::-1], far_k=k[..., ::-1], implementation="pallas"
+    )
+    add("ssa_far", far, (q, k, v))
   attn_kw = dict(block_size=ssa_cfg.block_size, query_tile=ssa_cfg.tile, scale=scale)
   for row, ids in lists.items():
     for vname, sizes in variant_sizes.items():
@@ -361,15 +372,21 @@ def format_table(results: dict) -> str:
     lines.append(f"* measured in a separate run on the same device: {', '.join(added)}")
   lines += ["", "targets (at 1M if measured, else the largest T with an ssa row):"]
   lines += _targets(results)
-  for name in ("ssa_coarse", "ssa_frontier"):
-    coarse = [
+  costs = (
+    ("ssa_coarse", "fwdbwd", "the coarse branch's cost"),
+    ("ssa_frontier", "fwdbwd", "the coarse branch's cost"),
+    ("ssa_far", "fwd", "far and near blocks in two calls"),
+    ("ssa_far", "fwdbwd", "far and near blocks in two calls"),
+  )
+  for name, mode, what in costs:
+    ratios = [
       (t, c["time_s"] / s["time_s"])
       for t in seq_lens
-      if (c := _find(rows, name, t, "fwdbwd")) and (s := _find(rows, "ssa", t, "fwdbwd"))
+      if (c := _find(rows, name, t, mode)) and (s := _find(rows, "ssa", t, mode))
     ]
-    if coarse:
-      ratios = ", ".join(f"{format_tokens(t)} {x:.2f}x" for t, x in coarse)
-      lines += ["", f"{name} / ssa, fwdbwd (the coarse branch's cost): {ratios}"]
+    if ratios:
+      text = ", ".join(f"{format_tokens(t)} {x:.2f}x" for t, x in ratios)
+      lines += ["", f"{name} / ssa, {mode} ({what}): {text}"]
   return "\n".join(lines)
 
 

@@ -561,14 +561,14 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
   distances per query: tokens from its needle's or pair's value to its answer).
   Accuracy by position: per k, the fraction of queries (of those with k+1 answer tokens
   or more) whose k-th answer token is right; a miss in the first character (finding the
-  value) against one in the copy after it. For `niah` in a model whose layers select
-  blocks, needle routing is, per layer, the fraction of queries whose needle block that
-  layer attends to (`needle_block_attended`; None for layers that select no blocks);
-  else None."""
+  value) against one in the copy after it. In a model whose layers select blocks, needle
+  routing is, per layer, the fraction of queries whose needle (`niah`) or pair (`mqar`)
+  value block that layer attends to (`needle_block_attended`; None for layers that
+  select no blocks); else None."""
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
   index = ("niah", "mqar").index(task)
   layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
-  routed = task == "niah" and any(a.kind in BLOCK_KINDS for a in layers)
+  routed = any(a.kind in BLOCK_KINDS for a in layers)
   from subq_jax.data import pipeline  # at call time: tests wrap pipeline.make_sample
 
   seqs = [

@@ -56,6 +56,16 @@ def test_fwdbwd_only_table_names_the_coarse_cost_and_plots(tmp_path):
   assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_table_names_the_far_split_cost_per_mode():
+  rows = []
+  for t, mode, ssa_ms, far_ms in ((8192, "fwd", 2.0, 2.5), (8192, "fwdbwd", 6.0, 9.0)):
+    rows.append(dict(row="ssa", seq_len=t, mode=mode, time_s=ssa_ms / 1e3))
+    rows.append(dict(row="ssa_far", seq_len=t, mode=mode, time_s=far_ms / 1e3))
+  text = benchmark.format_table(dict(rows=rows, matmul_tflops=600.0))
+  assert "ssa_far / ssa, fwd (far and near blocks in two calls): 8K 1.25x" in text
+  assert "ssa_far / ssa, fwdbwd (far and near blocks in two calls): 8K 1.50x" in text
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rel_err_matches_numpy(dtype):
   import jax.numpy as jnp
