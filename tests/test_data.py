@@ -109,7 +109,7 @@ def test_niah_needle_at_is_each_querys_needle_value(fmt):
       separator="",
       num_pairs=24,
       num_queries=24,
-    ),  # fmt: skip
+    ),  # "spread": the training recipe's MQAR (sessions 12-20)
   ],
 )
 def test_mqar_needle_at_is_each_querys_pair_value(fmt):
