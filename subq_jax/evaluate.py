@@ -487,9 +487,8 @@ def suite_eval(
       if data_cfg is None:
         raise ValueError("suite.train_tasks needs the run's data_cfg")
       t0 = time.time()
-      scores, fraction, routing, by_position, dists = _train_format(
-        runner, data_cfg, tokenizer, task, length, suite
-      )
+      got = _train_format(runner, data_cfg, tokenizer, task, length, suite)
+      scores, fraction, routing = got["scores"], got["pairs_fraction"], got["needle_block_attended"]
       cell = {
         "task": f"{task} (train format)",
         "length": length,
@@ -505,8 +504,11 @@ def suite_eval(
         **scoring.mean_score(scores),
         "scores": [float(x) for x in scores],
         "pairs_fraction": fraction,
-        "answer_acc_by_position": by_position,
-        "by_distance": scoring.bucket_by_distance(dists, scores, _distance_edges(length)),
+        "answer_acc_by_position": got["answer_acc_by_position"],
+        "by_distance": scoring.bucket_by_distance(
+          got["distances"], scores, _distance_edges(length)
+        ),
+        "misses": got["misses"],
         "wall_s": round(time.time() - t0, 2),
       }
       if routing is not None:
@@ -522,9 +524,11 @@ def suite_eval(
         f"{cell['task']} at {length} tokens: {cell['mean']:.3f} [{cell['lo']:.3f}, "
         f"{cell['hi']:.3f}] (n={cell['n']}), pairs attended {100 * fraction:.1f}%{seen}, "
         "answer token accuracy by position "
-        + " ".join(f"{a:.2f}" for a in by_position)
+        + " ".join(f"{a:.2f}" for a in cell["answer_acc_by_position"])
         + ", by distance quarter "
         + _fmt_quarters(cell["by_distance"])
+        + ", misses "
+        + _fmt_misses(cell["misses"])
       )
   return cells
 
@@ -534,6 +538,21 @@ def _distance_edges(length: int) -> list[int]:
   edges = np.linspace(0, length, 5).round().astype(int).tolist()
   edges[-1] += 1
   return edges
+
+
+def _fmt_misses(m: dict) -> str:
+  if not m["n"]:
+    return "0"
+  return (
+    f"{m['n']} (first wrong position {' '.join(map(str, m['first_wrong']))}; another "
+    f"answer's token {m['other_answer']:.2f}, if uniform {m['other_answer_if_uniform']:.2f})"
+  )
+
+
+def _fmt_miss_cell(m: dict) -> str:
+  if not m["n"]:
+    return "0"
+  return f"{m['n']}: {m['other_answer']:.2f} ({m['other_answer_if_uniform']:.2f})"
 
 
 def _fmt_quarters(buckets: list[dict]) -> str:
@@ -556,15 +575,17 @@ def _sample(task: str, length: int, seed: tuple, source, depth):
 
 
 def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, suite):
-  """Teacher-forced exact match of every query of the training-format `task`:
-  (scores per query, pairs fraction, needle routing, accuracy by answer position,
-  distances per query: tokens from its needle's or pair's value to its answer).
+  """Teacher-forced exact match of every query of the training-format `task`: a dict of
+  `scores` (per query), `pairs_fraction`, `needle_block_attended` (needle routing),
+  `answer_acc_by_position`, `distances` (per query: tokens from its needle's or pair's
+  value to its answer) and `misses`.
   Accuracy by position: per k, the fraction of queries (of those with k+1 answer tokens
   or more) whose k-th answer token is right; a miss in the first character (finding the
   value) against one in the copy after it. In a model whose layers select blocks, needle
   routing is, per layer, the fraction of queries whose needle (`niah`) or pair (`mqar`)
   value block that layer attends to (`needle_block_attended`; None for layers that
-  select no blocks); else None."""
+  select no blocks); else None. Misses: `miss_summary` of every query not matched
+  exactly."""
   stream = corpus.token_stream(tokenizer, "validation", data_cfg.val_fraction, data_cfg.corpus_root)
   index = ("niah", "mqar").index(task)
   layers = [runner.model_cfg.layer_attention(i) for i in range(runner.model_cfg.num_layers)]
@@ -584,7 +605,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for i in range(suite.train_samples)
   ]
   width = runner.cache_len(length)
-  scores, fractions, hits, tokens_ok, dists = [], [], [], [], []
+  scores, fractions, hits, tokens_ok, dists, misses = [], [], [], [], [], []
   for i in range(0, len(seqs), suite.batch_size):
     chunk = seqs[i : i + suite.batch_size]
     tokens = _pad_rows([c["tokens"][:-1] for c in chunk], width, suite.batch_size, tokenizer.pad_id)
@@ -594,10 +615,15 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
     for j, c in enumerate(chunk):
       target = c["tokens"][1:]
       spans = answer_spans(c["answer_mask"][1:])
-      for (a, b), at in zip(spans, c["needle_at"], strict=True):
+      answers = [target[a:b] for a, b in spans]
+      for q, ((a, b), at) in enumerate(zip(spans, c["needle_at"], strict=True)):
         tokens_ok.append(pred[j, a:b] == target[a:b])
         scores.append(float(np.all(tokens_ok[-1])))
         dists.append(a + 1 - int(at))  # target[a] is tokens[a + 1]
+        if not scores[-1]:
+          others = answers[:q] + answers[q + 1 :]
+          miss = miss_record(target[a:b], pred[j, a:b], others, tokenizer)
+          misses.append({"sample": i + j, "query": q, "distance": dists[-1], **miss})
       if routed:
         hits.append(
           [
@@ -613,7 +639,48 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
       routing.append(None if seen is None else float(np.mean(seen)))
   longest = max((len(ok) for ok in tokens_ok), default=0)
   by_position = [float(np.mean([ok[k] for ok in tokens_ok if len(ok) > k])) for k in range(longest)]
-  return scores, float(np.mean(fractions)), routing, by_position, dists
+  alphabet = {int(t) for c in seqs for t in c["tokens"][1:][c["answer_mask"][1:].astype(bool)]}
+  return {
+    "scores": scores,
+    "pairs_fraction": float(np.mean(fractions)),
+    "needle_block_attended": routing,
+    "answer_acc_by_position": by_position,
+    "distances": dists,
+    "misses": miss_summary(misses, len(alphabet)),
+  }
+
+
+def miss_record(target, predicted, others, tokenizer) -> dict:
+  """One missed query, teacher-forced: its answer and the argmax at each answer position
+  (as text), the first wrong position k, and whether the token predicted there is the
+  k-th token of another query's answer in the same sequence (`other_answer`: a read from
+  the wrong needle or pair rather than a token of none)."""
+  k = int(np.flatnonzero(np.asarray(predicted) != np.asarray(target))[0])
+  return {
+    "answer": tokenizer.decode(target),
+    "predicted": tokenizer.decode(predicted),
+    "first_wrong": k,
+    "other_answer": any(len(o) > k and o[k] == predicted[k] for o in others),
+    "other_tokens": len({int(o[k]) for o in others if len(o) > k and o[k] != target[k]}),
+  }
+
+
+def miss_summary(misses: list[dict], alphabet: int, keep: int = 32) -> dict:
+  """The misses of a cell: their count, how many first go wrong at each answer position,
+  the fraction whose wrong token is another answer's (`other_answer`) and that fraction
+  if the wrong token were drawn uniformly from the other `alphabet - 1` answer tokens
+  (`other_answer_if_uniform`: the mean over misses of other answers' distinct tokens at
+  that position over `alphabet - 1`), and the first `keep` records."""
+  first = [m["first_wrong"] for m in misses]
+  return {
+    "n": len(misses),
+    "first_wrong": np.bincount(first).tolist() if first else [],
+    "other_answer": float(np.mean([m["other_answer"] for m in misses])) if misses else None,
+    "other_answer_if_uniform": (
+      float(np.mean([m["other_tokens"] for m in misses]) / max(alphabet - 1, 1)) if misses else None
+    ),
+    "records": misses[:keep],
+  }
 
 
 def pool(cells: list[dict]) -> dict:
@@ -672,6 +739,12 @@ def suite_table(cells: list[dict], train_len: int) -> str:
       by = [got.get((t, n)) for n in lengths]
       row = [(_fmt_quarters(r) if key == "by_distance" else _fmt_row(r)) if r else "" for r in by]
       lines.append(f"| {t}: {label} | | " + " | ".join(row) + " |")
+  misses = {(c["task"], c["length"]): c["misses"] for c in cells if c.get("misses")}
+  for t in dict.fromkeys(t for t, _ in misses):
+    by = [misses.get((t, n)) for n in lengths]
+    row = [_fmt_miss_cell(m) if m else "" for m in by]
+    label = "misses: how many, and the fraction whose wrong token is another answer's (if uniform)"
+    lines.append(f"| {t}: {label} | | " + " | ".join(row) + " |")
   if skipped:
     lines.append(
       "\nskipped (the task's fixed text does not fit): "

@@ -243,10 +243,13 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
       if target is not None:
         shifted[r, :3000] = target
         spans = evaluate.answer_spans(masks[row[:3000].tobytes()])
-        for (a, _), at in zip(spans, needles[row[:3000].tobytes()], strict=True):
+        for q, ((a, _), at) in enumerate(zip(spans, needles[row[:3000].tobytes()], strict=True)):
           # "first": each answer's first token wrong; "far": answers 1,500 tokens or more
-          # after their needle (pair) value wrong
+          # after their needle (pair) value wrong; "other": each answer's first token the
+          # next answer's (a read from the wrong needle)
           shifted[r, a] += wrong[0] == "first" or (wrong[0] == "far" and a + 1 - at >= 1500)
+          if wrong[0] == "other":
+            shifted[r, a] = target[spans[(q + 1) % len(spans)][0]]
     return (shifted + (1 if wrong[0] == "no" else 0)), 0.5
 
   def select_all(self, tokens):  # every earlier block chosen by every tile
@@ -290,6 +293,24 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
         task = c["task"].split()[0]
         size = data_cfg.niah.uuid_chars if task == "niah" else data_cfg.mqar.value_len
         assert c["answer_acc_by_position"] == [expect] + [after] * (size - 1), task
+        misses = c["misses"]
+        assert misses["n"] == round((1 - expect) * c["n"]), task
+        if wrong[0] == "first":  # every query missed, at its first token
+          assert misses["first_wrong"] == [c["n"]] and len(misses["records"]) == c["n"], task
+          assert all(m["first_wrong"] == 0 and m["predicted"] != m["answer"]
+                     for m in misses["records"])  # fmt: skip
+  # "other": the misses are exactly the queries whose next answer starts otherwise, and
+  # every one of them reads another answer's token.
+  wrong[0] = "other"
+  cells = evaluate.suite_eval(None, ModelConfig(dtype="float32"), 1000, suite, **kw)
+  for task in trained:
+    c = next(c for c in cells if c["task"] == task)
+    misses = c["misses"]
+    assert 0 < misses["n"] == c["n"] - sum(c["scores"]), task
+    assert misses["first_wrong"] == [misses["n"]] and misses["other_answer"] == 1.0, task
+    assert 0 < misses["other_answer_if_uniform"] < 1, task
+    table = evaluate.suite_table(cells, 1000)
+    assert f"| {task}: misses: how many" in table and f"| {misses['n']}: 1.00 (" in table
   # Accuracy by needle-query distance, in quarters of the 3,000 tokens: "far" breaks the
   # answers in the last two.
   wrong[0] = "far"
@@ -349,7 +370,9 @@ def test_needle_routing_of_a_real_ssa_model():
                        dtype="float32", attention=attn)  # fmt: skip
     _, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
     runner = evaluate._Runner(params, mcfg)
-    scores, _, routing, _, dists = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    got = evaluate._train_format(runner, data_cfg, TOK, "niah", 256, suite)
+    scores, routing, dists = got["scores"], got["needle_block_attended"], got["distances"]
+    assert got["misses"]["n"] == len(scores) - sum(scores)
     assert len(dists) == len(scores) and all(0 < d < 256 for d in dists), dists
     assert len(scores) == 2 * data_cfg.niah.num_queries
     out[top_k] = routing
