@@ -621,8 +621,7 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
         scores.append(float(np.all(tokens_ok[-1])))
         dists.append(a + 1 - int(at))  # target[a] is tokens[a + 1]
         if not scores[-1]:
-          others = answers[:q] + answers[q + 1 :]
-          miss = miss_record(target[a:b], pred[j, a:b], others, tokenizer)
+          miss = miss_record(answers, q, pred[j, a:b], tokenizer)
           misses.append({"sample": i + j, "query": q, "distance": dists[-1], **miss})
       if routed:
         hits.append(
@@ -650,18 +649,22 @@ def _train_format(runner: _Runner, data_cfg, tokenizer, task: str, length: int, 
   }
 
 
-def miss_record(target, predicted, others, tokenizer) -> dict:
-  """One missed query, teacher-forced: its answer and the argmax at each answer position
-  (as text), the first wrong position k, and whether the token predicted there is the
-  k-th token of another query's answer in the same sequence (`other_answer`: a read from
-  the wrong needle or pair rather than a token of none)."""
-  k = int(np.flatnonzero(np.asarray(predicted) != np.asarray(target))[0])
+def miss_record(answers: list, q: int, predicted, tokenizer) -> dict:
+  """Query q's miss, teacher-forced: its answer (`answers[q]`, one per query of the
+  sequence) and the argmax at each of its positions (as text), the first wrong position
+  k, and whether the token predicted there is the k-th token of another query's answer
+  (`other_answer`: a read from the wrong needle or pair rather than a token of none;
+  `others_matched`: those queries' indices)."""
+  target = np.asarray(answers[q])
+  k = int(np.flatnonzero(np.asarray(predicted) != target)[0])
+  others = [(i, a) for i, a in enumerate(answers) if i != q and len(a) > k]
   return {
     "answer": tokenizer.decode(target),
     "predicted": tokenizer.decode(predicted),
     "first_wrong": k,
-    "other_answer": any(len(o) > k and o[k] == predicted[k] for o in others),
-    "other_tokens": len({int(o[k]) for o in others if len(o) > k and o[k] != target[k]}),
+    "other_answer": any(a[k] == predicted[k] for _, a in others),
+    "others_matched": [i for i, a in others if a[k] == predicted[k]],
+    "other_tokens": len({int(a[k]) for _, a in others if a[k] != target[k]}),
   }
 
 

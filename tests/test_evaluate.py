@@ -308,6 +308,8 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
     misses = c["misses"]
     assert 0 < misses["n"] == c["n"] - sum(c["scores"]), task
     assert misses["first_wrong"] == [misses["n"]] and misses["other_answer"] == 1.0, task
+    for m in misses["records"]:  # the next query's answer (others may share its token)
+      assert (m["query"] + 1) % (c["n"] // 3) in m["others_matched"], m
     assert 0 < misses["other_answer_if_uniform"] < 1, task
     table = evaluate.suite_table(cells, 1000)
     assert f"| {task}: misses: how many" in table and f"| {misses['n']}: 1.00 (" in table
