@@ -79,7 +79,10 @@ the 4096 stage only) lost MQAR with no seed of three and gave NIAH 0.98 / 0.89 /
 4K, 0.70 / 0.69 / 0.55 at 16x with YaRN (sessions 17-18). Adding `far=80` (far blocks
 at bounded distances, no YaRN) gave seeds 0 / 1 / 2 NIAH 0.988 / 0.980 / 0.973 at 4K and
 0.992 / 0.965 / 0.965 at 16x (n = 256 each), 1.00 at 1,048,576 tokens (seeds 0, 2; n =
-32); MQAR 0.99 at 4K for seeds 1 and 2, 0.90 for seed 0 (sessions 19-20).
+32); MQAR 0.99 at 4K for seeds 1 and 2, 0.90 for seed 0 (sessions 19-20). `steps=4000`
+did not lift seed 2 (0.969 at 4K); dense on the same data reached 0.957 at 4K and 0.18
+on RULER (SSA 0.61): both miss by reading another needle, and read one needle alone
+without a miss (session 21).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
