@@ -296,9 +296,9 @@ def test_suite_scores_an_oracle_perfectly(monkeypatch):
         misses = c["misses"]
         assert misses["n"] == round((1 - expect) * c["n"]), task
         if wrong[0] == "first":  # every query missed, at its first token
-          assert misses["first_wrong"] == [c["n"]] and len(misses["records"]) == c["n"], task
-          assert all(m["first_wrong"] == 0 and m["predicted"] != m["answer"]
-                     for m in misses["records"])  # fmt: skip
+          assert misses["first_wrong"] == [c["n"]], task
+          assert len(misses["records"]) == min(32, c["n"]), task  # the first 32 kept
+          assert all(m["first_wrong"] == 0 for m in misses["records"]), task
   # "other": the misses are exactly the queries whose next answer starts otherwise, and
   # every one of them reads another answer's token.
   wrong[0] = "other"
