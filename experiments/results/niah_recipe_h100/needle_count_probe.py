@@ -20,11 +20,18 @@ import jax
 from subq_jax import evaluate
 
 workdir, specs = sys.argv[1], sys.argv[2:]
+counts = []  # (needles, sequences), checked before the checkpoint loads
+for spec in specs:
+  try:
+    counts.append(tuple(int(x) for x in spec.split(":")))
+  except ValueError:
+    counts.append(())
+  if len(counts[-1]) != 2 or min(counts[-1]) < 1:
+    raise SystemExit(f"spec {spec!r} is not NEEDLES:SEQUENCES, two positive integers (e.g. 8:32)")
 params, model_cfg, cfg, step = evaluate.load_checkpoint(workdir)
 train_len = cfg.train.stages[-1].seq_len
 print(f"{workdir} step {step}, {jax.devices()[0].platform}, jax {jax.__version__}")
-for spec in specs:
-  needles, sequences = (int(x) for x in spec.split(":"))
+for needles, sequences in counts:
   niah = dataclasses.replace(cfg.data.niah, num_needles=needles, num_queries=needles)
   suite = evaluate.SuiteConfig(
     tasks=(), lengths=(train_len,), train_tasks=("niah",), train_samples=sequences
