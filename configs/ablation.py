@@ -34,7 +34,11 @@
   keys, rather than the 512-token stages, where it attends 448 of 512), far= (block kinds:
   `SSAConfig.far_distance` in tokens, default 0, off; e.g. far=80 with block=16 puts
   every sink and chosen block right past the 64 local tokens and the own block, whatever
-  its true distance: no RoPE distance beyond 95 at any length; dense stages without it)
+  its true distance: no RoPE distance beyond 95 at any length; dense stages without it),
+  needles= (the 4096 stages' NIAH needles a sample, each queried once; default 0, the
+  model's 4 needles and 4 queries, which the evaluation's training-format cells keep: more
+  needles in training than in evaluation, so that keys are told apart from more
+  distractors than the evaluation shows)
 
 `python -m experiments.compare_mechanisms` trains every mechanism of this grid over a
 small learning-rate sweep and evaluates each at 1x, 4x and 16x the training length.
@@ -120,6 +124,7 @@ def get_config(arg=None):
     coarse_grad=0.0,
     short_coarse=True,
     far=0,
+    needles=0,
     niah=0.15,
     tile=1,
     block=64,
@@ -181,6 +186,11 @@ def get_config(arg=None):
     dense["attention"] = dict(kind="dense", coarse_grad=0.0, coarse_nodes="blocks", far_distance=0)
     c.train.stages = [dense, dict(seq_len=4096, steps=arg.convert, rope_scale=1.0)]
     c.train.stages = [s for s in c.train.stages if s["steps"]]
+  if not isinstance(arg.needles, int) or arg.needles < 0:
+    raise ValueError(f"needles={arg.needles!r} must be an integer >= 0 (0 = the model's 4)")
+  if arg.needles:
+    for stage in c.train.stages:  # every stage is a 4096 one here; short ones come next
+      stage["data"] = dict(niah=dict(num_needles=arg.needles, num_queries=arg.needles))
   if arg.short:  # curriculum: recall at a short length first, then 4096
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
     if not 0 <= arg.short_niah <= 0.9:

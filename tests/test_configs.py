@@ -275,3 +275,28 @@ def test_ablation_convert_trains_dense_first():
   ]:
     with pytest.raises(ValueError, match=match):
       module.get_config(arg)
+
+
+def test_ablation_needles_change_the_4096_stages_only():
+  from subq_jax.data import pipeline
+  from subq_jax.data.tokenizer import ByteTokenizer
+
+  module = _load([p for p in CONFIGS if p.endswith("ablation.py")][0])
+  cfg = resolve(module.get_config("short_chars=4-8,short_steps=2-2,steps=5,convert=2,needles=8"))
+  niah = [train_lib.stage_data_config(cfg, i).niah for i in range(4)]
+  assert [(n.num_needles, n.num_queries, n.uuid_chars) for n in niah] == [
+    (4, 4, 4),
+    (4, 4, 8),
+    (8, 8, 8),
+    (8, 8, 8),
+  ]
+  assert (cfg.data.niah.num_needles, cfg.data.niah.num_queries) == (4, 4)  # what evaluation uses
+  # A 4096-token training sample of the stage holds eight answers, one per needle.
+  tokenizer = ByteTokenizer()
+  stream = np.random.default_rng(0).integers(32, 127, 20_000).astype(np.int32)
+  data = train_lib.stage_data_config(cfg, 3)
+  rng = np.random.default_rng(3)
+  sample = pipeline.make_sample(data, tokenizer, stream, 4096, rng, "niah", needle_at=True)
+  assert len(sample["needle_at"]) == 8
+  with pytest.raises(ValueError, match="needles=-1 must be an integer >= 0"):
+    module.get_config("needles=-1")
