@@ -192,7 +192,7 @@ def get_config(arg=None):
     raise ValueError(f"needles={arg.needles!r} must be an integer >= 0 (0 = the model's 4)")
   if arg.needles:
     for stage in c.train.stages:  # every stage is a 4096 one here; short ones come next
-      stage["data"] = dict(niah=dict(num_needles=arg.needles, num_queries=arg.needles))
+      stage.setdefault("data", {})["niah"] = dict(num_needles=arg.needles, num_queries=arg.needles)
   if arg.short:  # curriculum: recall at a short length first, then 4096
     # Mostly MQAR, pairs from the start (RULER's fixed text does not fit 512 tokens).
     if not 0 <= arg.short_niah <= 0.9:
