@@ -731,6 +731,7 @@ def suite_table(cells: list[dict], train_len: int) -> str:
     np.mean([r["pairs_fraction"] for (_, n), r in pooled.items() if n == m]) for m in lengths
   ]
   lines.append("| pairs attended | | " + " | ".join(f"{100 * p:.2f}%" for p in pairs) + " |")
+  lines += _ruler_average_row(pooled, lengths)
   per_cell = (  # field, its row's label, the fewest entries worth a row
     ("needle_block_attended", "needle block attended, by layer", 1),
     ("answer_acc_by_position", "answer token accuracy, by position", 2),
@@ -754,6 +755,19 @@ def suite_table(cells: list[dict], train_len: int) -> str:
       + ", ".join(f"{t} at {n}" for t, n in skipped)
     )
   return "\n".join(lines)
+
+
+def _ruler_average_row(pooled: dict, lengths: list[int]) -> list[str]:
+  """The RULER average (`scoring.task_average`, the unweighted mean over tasks) at each
+  length of the `ruler.RULER` tasks evaluated at every length; no row for fewer than two."""
+  from subq_jax.data import ruler, scoring
+
+  tasks = [t for t in ruler.RULER if all((t, n) in pooled for n in lengths)]
+  if len(tasks) < 2:
+    return []
+  cells = [_fmt_cell(scoring.task_average([pooled[t, n] for t in tasks])) for n in lengths]
+  label = f"RULER average ({len(tasks)} tasks: {', '.join(tasks)})"
+  return [f"| {label} | | " + " | ".join(cells) + " |"]
 
 
 def _plt():

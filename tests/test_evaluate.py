@@ -410,6 +410,21 @@ def test_suite_table_hand_worked():
   table = evaluate.suite_table([*cells, read, one], 512)
   assert "| niah (train format): answer token accuracy, by position | | 0.50 0.88 1.00 |" in table
   assert "mqar (train format): answer token" not in table  # one token: the row above says it
+  assert "RULER average" not in table  # one RULER task: no average
+  vt = {"task": "vt", "length": 1024, "depth": None, "scores": [1, 0], "filler": ["noise"],
+        "pairs_fraction": 0.5}  # fmt: skip
+  table = evaluate.suite_table([*cells, vt], 512)
+  # The unweighted mean of 7/8 and 1/2, not the pooled 8/10; RULER's order of tasks.
+  avg = scoring.task_average([{"mean": 7 / 8, "n": 8}, {"mean": 0.5, "n": 2}])
+  assert avg["mean"] == pytest.approx(0.6875)
+  row = f"| RULER average (2 tasks: niah_single_2, vt) | | {evaluate._fmt_cell(avg)} |"
+  assert row in table, table
+  longer = dict(vt, length=2048)
+  table = evaluate.suite_table([*cells, vt, longer, dict(cells[0], length=2048)], 512)
+  at_2048 = scoring.task_average([{"mean": 3 / 4, "n": 4}, {"mean": 0.5, "n": 2}])
+  assert f"| {evaluate._fmt_cell(avg)} | {evaluate._fmt_cell(at_2048)} |" in table
+  table = evaluate.suite_table([*cells, vt, longer], 512)  # niah_single_2 not at 2048: no row
+  assert "RULER average" not in table
 
 
 def _row(mean, n):
