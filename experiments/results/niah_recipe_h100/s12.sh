@@ -11,6 +11,8 @@
 # SET="train.seed=1 data.seed=1", TAG=s18cg2 SET="train.seed=2 data.seed=2", one lane per machine.
 # Session 22: EXTRA=,coarse_grad=1,short_coarse=0,far=80,needles=8 LANES=fr TAG=s22n8 SET="train.seed=2
 # data.seed=2" (three calls, CKPT=fr in the last two), and TAG=s22n8s1 SET="train.seed=1 data.seed=1".
+# Session 23: LANES=dn EXTRA=,needles=8 TAG=s23dn8 SET="train.seed=2 data.seed=2" (dense on that data;
+# one call, then c8.sh with RUNS="dn:dense_rope:$V:1e-3:1::32" finishes it with RULER at 32 samples a depth).
 # Session 14: EXTRA=,task_min=1024 TAG=s14; a second seed of session 12's recipe: SET="train.seed=1
 # data.seed=1" TAG=s14seed1 LANES=b16 (SET is added to the overrides of every run).
 # A run brought back from an earlier machine resumes from its newest checkpoint: put its

@@ -5,6 +5,8 @@
 # dense_yarn for a dense lane) too. Session 22: V=<session 20's V>,needles=8 with the variant's
 # order of s12.sh (...,far=80,needles=8,block=16), D=/tmp/c8_s22n8/fr, RUNS="1,16:64:265", then
 # "1:128:220", "16:128:200 64:32:220 4:64:120"; the outputs tarred into one file per call.
+# Session 23: dense, MECH=dense_rope / dense_yarn, V=<session 22's V without far, coarse_grad, block>,
+# D=/tmp/c8_s23dn8/dn, RUNS="1:128:200 16:32:170", "4:64:150".
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 V=${V:-short_chars=4-8,short_steps=2000-1500,short_niah=0.45,steps=3000,niah=0.45,tile=1,coarse_grad=1,short_coarse=0,far=80,block=16}
