@@ -89,7 +89,8 @@ on RULER (SSA 0.61): both miss by reading another needle, and read one needle al
 without a miss (session 21). `needles=8` (eight needles a 4K NIAH sample, four at
 evaluation) lifted NIAH at 4K to 0.990 (seed 2) and 1.000 (seed 1), n = 512 each, and
 seed 2 to 0.982 at 16x; RULER average 0.55 and 0.61 (session 22). Dense on the
-`needles=8` data: NIAH 0.984 at 4K, RULER 0.18; seed 1 1.000 at 16x, n = 512 (session 23).
+`needles=8` data (seeds 2, 1): NIAH 0.984 / 0.996 at 4K, RULER 0.18 / 0.47 (SSA 0.55 / 0.61);
+SSA seed 1 1.000 at 16x, n = 512 (session 23).
 
 The schedule is a curriculum (experiments/results/compare_h100_curriculum/): 1,200 steps
 of 16 x 512 tokens, 80% MQAR with the pairs from the start, then 4096 tokens. Trained at
